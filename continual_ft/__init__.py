@@ -1,0 +1,1 @@
+"""continual-ft: continual LoRA fine-tuning of language models."""

@@ -1,0 +1,144 @@
+"""From examples to token batches: prompt formatting, answer-only labels, length grouping.
+
+Batches are left-padded so every row's answer sits at the end; the model then computes
+logits only for the last ``answer_len + 1`` positions (``logits_to_keep``), which skips the
+vocabulary projection for prompt tokens, the part of the forward pass we never score.
+Explicit ``position_ids`` keep left padding exact for any positional scheme.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from continual_ft.data import Example
+
+__all__ = ["Encoded", "Encoder", "collate", "length_grouped_batches", "token_loss", "mean_token_loss"]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]
+    task: str
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.answer_ids)
+
+
+class Encoder:
+    """Turns an :class:`Example` into prompt and answer token ids, the same way for training and scoring."""
+
+    def __init__(self, tokenizer, max_length: int = 256, chat_template: bool = True, system_prompt: str = ""):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.use_chat = chat_template and getattr(tokenizer, "chat_template", None) is not None
+        self.system_prompt = system_prompt
+        self._cache: dict[tuple[str, str, bool], Encoded] = {}
+
+    def prompt_text(self, prompt: str) -> str:
+        if not self.use_chat:
+            return prompt
+        messages = [{"role": "user", "content": prompt}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def answer_ids(self, answer: str, eos: bool = True) -> tuple[int, ...]:
+        # A plain prompt ends in "Answer:", so the label follows a space; after a chat
+        # template the assistant turn starts on a fresh line.
+        text = answer if self.use_chat else " " + answer
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if eos and self.tokenizer.eos_token_id is not None:
+            ids = ids + [self.tokenizer.eos_token_id]
+        return tuple(ids)
+
+    def encode(self, example: Example, answer: str | None = None, eos: bool = True) -> Encoded:
+        answer = example.answer if answer is None else answer
+        key = (example.prompt, answer, eos)
+        if key not in self._cache:
+            prompt = self.tokenizer(self.prompt_text(example.prompt), add_special_tokens=False)["input_ids"]
+            ans = self.answer_ids(answer, eos)
+            budget = max(self.max_length - len(ans), 1)
+            # Keep the end: it holds the answer cue. Sources already cut long texts to a
+            # character budget, so this only guards against a user's over-long inputs.
+            prompt = prompt[-budget:]
+            self._cache[key] = Encoded(tuple(prompt), ans, example.task)
+        return self._cache[key]
+
+
+def collate(items: Sequence[Encoded], pad_id: int) -> dict:
+    """Left-pad a list of encodings; labels are -100 except on answer tokens."""
+    width = max(len(e) for e in items)
+    keep = max(len(e.answer_ids) for e in items) + 1
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), keep - 1), -100, dtype=torch.long)
+    attention = torch.zeros((len(items), width), dtype=torch.long)
+    for i, e in enumerate(items):
+        ids = e.prompt_ids + e.answer_ids
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        attention[i, width - len(ids) :] = 1
+        labels[i, keep - 1 - len(e.answer_ids) :] = torch.tensor(e.answer_ids)
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "position_ids": position_ids,
+        "labels": labels,  # targets of the last keep-1 positions
+        "logits_to_keep": keep,
+        "tasks": [e.task for e in items],
+        "n_tokens": int(attention.sum()),
+    }
+
+
+def length_grouped_batches(items: Sequence[Encoded], batch_size: int, rng: random.Random | None,
+                           mega: int = 32) -> Iterator[list[Encoded]]:
+    """Shuffle, then sort by length inside chunks of ``mega`` batches so padding stays small.
+
+    With ``rng=None`` the order is deterministic (sorted by length), as for evaluation.
+    """
+    order = list(range(len(items)))
+    if rng is None:
+        order.sort(key=lambda i: len(items[i]))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    else:
+        rng.shuffle(order)
+        chunk = batch_size * mega
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start : start + chunk], key=lambda i: len(items[i]))
+            batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+        rng.shuffle(batches)
+    for b in batches:
+        yield [items[i] for i in b]
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "logits_to_keep")}
+
+
+def token_loss(model, batch: dict) -> tuple[torch.Tensor, int, object]:
+    """Summed cross-entropy over answer tokens, the answer-token count, and the model outputs.
+
+    Summing (not averaging) lets the caller normalise by the token count of a whole
+    optimizer step, so batch 8 × accumulation 1 equals batch 1 × accumulation 8.
+    """
+    outputs = model(**model_inputs(batch))
+    logits = outputs.logits[:, :-1].float()
+    labels = batch["labels"].to(logits.device)
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum()), outputs
+
+
+def mean_token_loss(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy per answer token of one batch (the loss strategies see)."""
+    loss, n, _ = token_loss(model, batch)
+    return loss / max(n, 1)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

@@ -1,0 +1,85 @@
+"""The command line: a thin shell over :func:`continual_ft.runner.run`.
+
+    python cli.py run scenario=legal_then_medical strategy=naive train.lr=2e-4
+    python cli.py list
+    python cli.py plot runs/legal_then_medical-naive-continue
+
+Bad input prints one line (``error: ...``) and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from continual_ft.errors import ContinualFTError
+
+__all__ = ["main", "cli"]
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """Continual LoRA fine-tuning with forgetting measured stage by stage."""
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option("--quiet", is_flag=True, help="no progress bars or per-stage log lines")
+def run(overrides, quiet):
+    """Run a scenario: key=value overrides, dotted keys for sections (train.lr=2e-4)."""
+    from continual_ft.config import make_config
+    from continual_ft.runner import report
+    from continual_ft.runner import run as run_config
+    from continual_ft.strategies import STRATEGIES
+
+    config = make_config(list(overrides), tuple(STRATEGIES))
+    results = run_config(config, progress=not quiet)
+    click.echo(report(results))
+
+
+@cli.command(name="list")
+def list_():
+    """Show the built-in scenarios, strategies, adapter modes and models."""
+    from continual_ft.adapters import ADAPTER_MODES
+    from continual_ft.models import MODELS
+    from continual_ft.scenario import list_scenarios
+    from continual_ft.strategies import STRATEGIES
+
+    def section(title, items):
+        click.echo(title)
+        for name, text in items.items():
+            click.echo(f"  {name:<22} {text}")
+
+    section("scenarios:", list_scenarios())
+    section("strategies:", {n: (cls.__doc__ or "").strip().splitlines()[0] for n, (cls, _) in STRATEGIES.items()})
+    section("adapters:", ADAPTER_MODES)
+    section("models:", {**MODELS, "<dir or org/name>": "any causal LM that transformers loads"})
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def plot(run_dir):
+    """Redraw a run's forgetting-matrix heatmaps from its results.json."""
+    from continual_ft.plots import plot_run
+
+    for path in plot_run(run_dir):
+        click.echo(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except ContinualFTError as e:
+        _fail(str(e))
+    except click.exceptions.Abort:
+        _fail("aborted")
+    except click.ClickException as e:
+        _fail(e.format_message())
+    except KeyboardInterrupt:
+        _fail("interrupted; results written so far are intact")

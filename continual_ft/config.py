@@ -1,0 +1,201 @@
+"""Typed run configuration: dataclasses with help text and checks, merged with OmegaConf.
+
+``python cli.py run scenario=legal_then_medical train.lr=2e-4`` becomes
+``RunConfig`` through :func:`make_config`; unknown keys and wrong types fail with one
+line that lists what is valid (the nanoGPT configurator's rule: no silent typos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from continual_ft.errors import ContinualFTError
+
+__all__ = ["TrainConfig", "LoraConfig", "EvalConfig", "DataConfig", "RunConfig", "make_config", "config_keys"]
+
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("auto", "bf16", "fp32")
+QUANTIZE = ("none", "nf4")
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ContinualFTError(message)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = _help("peak learning rate of AdamW", 1e-3)
+    schedule: str = _help(f"learning-rate schedule after warmup: {', '.join(SCHEDULES)}", "cosine")
+    warmup_steps: int = _help("linear warmup steps at the start of every stage", 5)
+    batch_size: int = _help("examples per micro-batch", 8)
+    grad_accum: int = _help("micro-batches per optimizer step (effective batch = batch_size × grad_accum)", 1)
+    epochs: int = _help("passes over each stage's training data", 1)
+    max_steps: int = _help("optimizer steps per stage; 0 = as many as `epochs` gives", 0)
+    weight_decay: float = _help("AdamW weight decay on adapter weights", 0.0)
+    max_grad_norm: float = _help("gradient clipping norm; 0 = no clipping", 1.0)
+    max_length: int = _help("longest tokenized example; longer prompts are cut from the left", 256)
+    eval_every: int = _help("validation loss every N optimizer steps; 0 = once at the end of the stage", 0)
+    patience: int = _help("early stopping: stop a stage after this many validations without improvement; 0 = off", 0)
+
+    def __post_init__(self):
+        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(self.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
+        _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        _require(self.max_length >= 16, f"train.max_length must be >= 16, got {self.max_length}")
+        _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
+        _require(self.patience >= 0, f"train.patience must be >= 0, got {self.patience}")
+        _require(self.patience == 0 or self.eval_every > 0, "train.patience needs train.eval_every > 0")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _help("LoRA rank", 8)
+    alpha: int = _help("LoRA alpha; the update is scaled by alpha / r", 16)
+    dropout: float = _help("dropout on the LoRA input", 0.05)
+    target_modules: List[str] = _help(
+        "module names that get LoRA", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    )
+    frozen_layers: List[int] = _help("transformer layer indices left without LoRA (kept frozen)", factory=list)
+
+    def __post_init__(self):
+        _require(self.r >= 1, f"lora.r must be >= 1, got {self.r}")
+        _require(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        _require(len(self.target_modules) > 0, "lora.target_modules must name at least one module")
+        _require(all(i >= 0 for i in self.frozen_layers), "lora.frozen_layers must be layer indices >= 0")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _help("sequences per evaluation forward pass", 32)
+    max_new_tokens: int = _help("greedy tokens generated for exact match; 0 = longest label + 3", 0)
+
+    def __post_init__(self):
+        _require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.max_new_tokens >= 0, f"eval.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+
+
+@dataclass
+class DataConfig:
+    train_size: Optional[int] = _help("training examples per task; overrides the scenario's sizes", None)
+    validation_size: Optional[int] = _help("validation examples per task; overrides the scenario", None)
+    test_size: Optional[int] = _help("test examples per task; overrides the scenario", None)
+    chat_template: bool = _help("wrap prompts in the tokenizer's chat template when it has one", True)
+    system_prompt: str = _help("system message used with the chat template", "Answer with the label only.")
+
+    def __post_init__(self):
+        for name in ("train_size", "validation_size", "test_size"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"data.{name} must be >= 1, got {value}")
+
+    def sizes(self) -> dict[str, int]:
+        pairs = {"train": self.train_size, "validation": self.validation_size, "test": self.test_size}
+        return {k: v for k, v in pairs.items() if v is not None}
+
+
+@dataclass
+class RunConfig:
+    scenario: str = _help("built-in scenario name or path to a scenario YAML", "legal_then_medical")
+    strategy: str = _help("anti-forgetting strategy; combine with '+', e.g. replay+ewc", "naive")
+    adapter: str = _help("how LoRA adapters carry across stages", "continue")
+    model: str = _help("smollm2-135m, tiny, a local directory or a hub id", "smollm2-135m")
+    precision: str = _help(f"compute precision: {', '.join(PRECISIONS)} (auto = bf16 where supported)", "auto")
+    quantize: str = _help(f"base-weight quantization: {', '.join(QUANTIZE)} (nf4 = QLoRA via bitsandbytes)", "none")
+    trust_remote_code: bool = _help("allow custom model code from a hub repo", False)
+    seed: int = _help("seed for data sampling, initialisation and shuffling", 0)
+    quick: bool = _help("use the scenario's small `quick` sizes (a ~2 minute run)", False)
+    output_dir: str = _help("parent directory of run directories", "runs")
+    name: Optional[str] = _help("run directory name; default derived from scenario, strategy, adapter", None)
+    train: TrainConfig = _help("training hyperparameters", factory=TrainConfig)
+    lora: LoraConfig = _help("LoRA hyperparameters", factory=LoraConfig)
+    eval: EvalConfig = _help("evaluation settings", factory=EvalConfig)
+    data: DataConfig = _help("data sizes and prompt formatting", factory=DataConfig)
+    strategy_args: Dict[str, Any] = _help("per-strategy settings, e.g. replay.buffer_size=200", factory=dict)
+
+    def __post_init__(self):
+        _require(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _require(self.quantize in QUANTIZE, f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        from pathlib import Path
+
+        scenario = Path(self.scenario).stem
+        return f"{scenario}-{self.strategy}-{self.adapter}" + ("-quick" if self.quick else "")
+
+
+def config_keys(cls=RunConfig, prefix: str = "") -> list[str]:
+    """Every settable dotted key, for error messages and `list`."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys += config_keys(f.default_factory, f"{prefix}{f.name}.")
+        elif f.name != "strategy_args":
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    msg = str(e).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    return f"{key}: {msg}" if key and key not in msg else msg
+
+
+def make_config(overrides: list[str] | dict | None = None, strategy_names: tuple[str, ...] = ()) -> RunConfig:
+    """Build a RunConfig from ``key=value`` strings (dotted keys allowed) or a nested dict.
+
+    Keys that start with a strategy name (``replay.buffer_size=200``) go to ``strategy_args``,
+    where the strategy's own typed config checks them.
+    """
+    base = OmegaConf.structured(RunConfig)
+    if isinstance(overrides, dict):
+        extra = OmegaConf.create(overrides)
+    else:
+        items = []
+        for item in overrides or []:
+            if item == "quick":
+                item = "quick=true"
+            if "=" not in item:
+                raise ContinualFTError(f"expected key=value, got {item!r}")
+            key, value = item.split("=", 1)
+            head = key.split(".", 1)[0]
+            if head in strategy_names:
+                key = f"strategy_args.{key}"
+            elif head not in {f.name for f in dataclasses.fields(RunConfig)}:
+                raise ContinualFTError(f"unknown config key {key!r}; valid keys: {', '.join(config_keys())}")
+            items.append(f"{key}={value}")
+        try:
+            extra = OmegaConf.from_dotlist(items)
+        except OmegaConfBaseException as e:
+            raise ContinualFTError(f"cannot parse overrides: {_one_line(e)}") from None
+    try:
+        merged = OmegaConf.merge(base, extra)
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        raise ContinualFTError(f"invalid config: {_one_line(e)}; valid keys: {', '.join(config_keys())}") from None
+    except OmegaConfBaseException as e:
+        raise ContinualFTError(f"invalid config: {_one_line(e)}") from None
+
+
+def to_dict(config: RunConfig) -> dict:
+    """Plain nested dict of a RunConfig (what `config.yaml` holds)."""
+    return dataclasses.asdict(config)

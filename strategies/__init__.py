@@ -1,0 +1,47 @@
+"""Anti-forgetting strategies, one file each, installed as ``continual_ft.strategies``.
+
+``STRATEGIES`` maps a name to ``(strategy class, its config dataclass)``; the CLI's choices
+come from it. ``build("replay+ewc", args)`` returns a list of strategy objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from continual_ft.errors import ContinualFTError
+from continual_ft.strategies.base import StageInfo, Strategy
+from continual_ft.strategies.naive import Naive, NaiveConfig
+
+__all__ = ["STRATEGIES", "Strategy", "StageInfo", "Naive", "build"]
+
+STRATEGIES: dict[str, tuple[type[Strategy], type]] = {
+    "naive": (Naive, NaiveConfig),
+}
+
+
+def build(spec: str, args: dict | None = None) -> list[Strategy]:
+    """Strategies for ``spec`` ("naive", "replay+ewc", ...) configured from ``args[name]``."""
+    args = dict(args or {})
+    names = [n.strip() for n in spec.split("+") if n.strip()]
+    if not names:
+        raise ContinualFTError(f"strategy is empty; choose from {', '.join(STRATEGIES)}")
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        raise ContinualFTError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+    stray = [k for k in args if k not in names]
+    if stray:
+        raise ContinualFTError(f"settings given for {stray[0]!r}, which is not in strategy={spec}")
+    strategies = []
+    for name in names:
+        cls, config_cls = STRATEGIES[name]
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(config_cls), OmegaConf.create(args.get(name, {})))
+            config = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as e:
+            valid = ", ".join(f"{name}.{f.name}" for f in fields(config_cls)) or "none"
+            raise ContinualFTError(f"{name}: {str(e).splitlines()[0]} (valid: {valid})") from None
+        strategies.append(cls(config))
+    return strategies

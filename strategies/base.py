@@ -1,0 +1,68 @@
+"""The strategy interface: a plain object with a few optional hooks.
+
+A strategy needs only the model, the stage's data and a loss function; it never reads
+trainer internals, so the same object works in our trainer, in a hand-written PyTorch
+loop (see ``examples/plain_loop.py``) and in the Hugging Face ``Trainer``.
+
+Hook order for one stage::
+
+    examples = strategy.train_data(stage, examples)   # e.g. mix in a replay buffer
+    strategy.before_stage(model, stage)                # e.g. snapshot a teacher
+    for batch in batches:                              # every optimizer micro-step
+        loss = task_loss + strategy.penalty(model, batch, outputs)   # e.g. EWC, LwF
+    strategy.after_stage(model, stage)                 # e.g. Fisher, fill the buffer
+
+``state_dict`` / ``load_state_dict`` carry what must survive a restart (buffer contents,
+Fisher and anchors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from continual_ft.data import Example
+
+__all__ = ["Strategy", "StageInfo"]
+
+
+@dataclass
+class StageInfo:
+    """What a strategy may know about the stage at hand."""
+
+    index: int  # 0-based stage number
+    tasks: list[str]  # task names trained in this stage
+    examples: list[Example]  # this stage's own training examples (before any strategy adds to them)
+    batches: Callable[[list[Example]], Iterable[dict]] = field(repr=False)  # examples -> tokenized batches
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor] = field(repr=False)  # mean answer-token loss of a batch
+
+
+class Strategy:
+    """Base class with every hook a no-op; a strategy overrides only what it needs."""
+
+    name = "base"
+
+    def train_data(self, stage: StageInfo, examples: list[Example]) -> list[Example]:
+        """The examples to train on in this stage (default: the stage's own)."""
+        return examples
+
+    def before_stage(self, model: nn.Module, stage: StageInfo) -> None:
+        """Called once before the first step of a stage."""
+
+    def penalty(self, model: nn.Module, batch: dict, outputs: Any) -> torch.Tensor | None:
+        """An extra loss term added to the task loss at every micro-step, or None."""
+        return None
+
+    def after_stage(self, model: nn.Module, stage: StageInfo) -> None:
+        """Called once after a stage's last step (with the best weights restored)."""
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume this strategy later (tensors and plain Python)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""

@@ -1,0 +1,27 @@
+"""Naive sequential fine-tuning: train on each stage's data and nothing else.
+
+The lower bound of every comparison: whatever it forgets is what the other strategies
+exist to keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from continual_ft.strategies.base import Strategy
+
+__all__ = ["Naive", "NaiveConfig"]
+
+
+@dataclass
+class NaiveConfig:
+    """Naive fine-tuning has no settings."""
+
+
+class Naive(Strategy):
+    """Plain sequential fine-tuning: every hook is the default no-op."""
+
+    name = "naive"
+
+    def __init__(self, config: NaiveConfig | None = None):
+        self.config = config or NaiveConfig()
