@@ -69,9 +69,11 @@ class TrainConfig:
 class LoraConfig:
     r: int = _help("LoRA rank", 8)
     alpha: int = _help("LoRA alpha; the update is scaled by alpha / r", 16)
-    dropout: float = _help("dropout on the LoRA input", 0.05)
+    # Dropout costs ~25% of LoRA training throughput on CPU (measured: 272 vs 353 tok/s
+    # on SmolLM2-135M, bf16); off by default, set lora.dropout=0.05 to regularise.
+    dropout: float = _help("dropout on the LoRA input", 0.0)
     target_modules: List[str] = _help(
-        "module names that get LoRA", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+        "module names that get LoRA", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     frozen_layers: List[int] = _help("transformer layer indices left without LoRA (kept frozen)", factory=list)
 
@@ -85,7 +87,7 @@ class LoraConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = _help("sequences per evaluation forward pass", 32)
+    batch_size: int = _help("prompts per evaluation forward pass", 16)
     max_new_tokens: int = _help("greedy tokens generated for exact match; 0 = longest label + 3", 0)
 
     def __post_init__(self):

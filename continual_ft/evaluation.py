@@ -4,17 +4,22 @@
   the task's labels (summed, not length-normalised, as lm-evaluation-harness's ``acc``).
 * ``exact_match``: the greedy continuation, cut at end-of-sequence or newline, equals the
   gold label after stripping whitespace and a trailing period (case-insensitive).
+
+Both share one forward pass over each prompt: its KV cache is copied for greedy decoding
+and repeated once per label for the choice scores, so a K-label task costs one prompt pass
+plus a few label tokens per example, not K full passes.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from continual_ft.batching import Encoder, collate, model_inputs, to_device
+from continual_ft.batching import Encoder
 from continual_ft.data import Task
 
 __all__ = ["TaskScore", "evaluate_task", "normalize_answer"]
@@ -26,80 +31,100 @@ class TaskScore:
     exact_match: float
     n: int
     seconds: float
-    tokens_per_s: float  # tokens processed per second (scored sequences + generated tokens)
+    tokens_per_s: float  # tokens processed per second: prompts, label tokens and generated tokens
 
 
 def normalize_answer(text: str) -> str:
     return text.strip().split("\n")[0].strip().rstrip(".").strip().lower()
 
 
-@torch.no_grad()
-def _choice_scores(model, encoder: Encoder, task: Task, batch_size: int, device, autocast) -> tuple[torch.Tensor, int]:
-    """Log-likelihood of every (test example, label) pair: a (n_examples, n_labels) tensor."""
-    pairs = [encoder.encode(ex, answer=label, eos=False) for ex in task.test for label in task.labels]
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
-    scores = torch.empty(len(pairs))
-    tokens = 0
-    pad = encoder.tokenizer.pad_token_id
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = to_device(collate([pairs[i] for i in idx], pad), device)
-        with autocast():
-            logits = model(**model_inputs(batch)).logits[:, :-1].float()
-        labels = batch["labels"]
-        logp = -F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-        per_seq = (logp * (labels != -100)).sum(-1).cpu()
-        scores[idx] = per_seq
-        tokens += batch["n_tokens"]
-    return scores.view(len(task.test), len(task.labels)), tokens
+def _left_pad(seqs: list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s) :] = torch.tensor(s)
+        mask[row, width - len(s) :] = 1
+    return ids, mask
 
 
 @torch.no_grad()
-def _greedy_answers(model, encoder: Encoder, task: Task, batch_size: int, max_new_tokens: int, device,
-                    autocast) -> tuple[list[str], int]:
-    tok = encoder.tokenizer
-    prompts = [encoder.encode(ex, answer="", eos=False) for ex in task.test]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].prompt_ids))
-    answers: list[str] = [""] * len(prompts)
-    tokens = 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(prompts[i].prompt_ids) for i in idx)
-        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            p = prompts[i].prompt_ids
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
-        with autocast():
-            out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            )
-        new = out[:, width:].cpu()
-        tokens += int(mask.sum()) + new.numel()
-        for row, i in enumerate(idx):
-            answers[i] = tok.decode(new[row], skip_special_tokens=True)
-    return answers, tokens
+def _greedy(model, cache, last_logits, mask, max_new_tokens: int, eos_id: int | None) -> torch.Tensor:
+    """Greedy tokens continuing from a prompt cache; (B, <= max_new_tokens)."""
+    lengths = mask.sum(-1)
+    out, done = [], torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
+    token = last_logits.argmax(-1)
+    for step in range(max_new_tokens):
+        out.append(token)
+        done |= token == eos_id if eos_id is not None else done
+        if done.all() or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=(lengths + step)[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        token = logits.argmax(-1)
+    return torch.stack(out, dim=1)
 
 
-def evaluate_task(model, encoder: Encoder, task: Task, *, batch_size: int = 32, max_new_tokens: int = 0,
+@torch.no_grad()
+def _label_logprobs(model, cache, last_logits, mask, label_ids: list[tuple[int, ...]]) -> torch.Tensor:
+    """Σ_t log p(label_t | prompt, label_<t) for every (prompt, label): a (B, K) tensor."""
+    B, K = len(mask), len(label_ids)
+    width = max(len(l) for l in label_ids)
+    labels = torch.zeros((K, width), dtype=torch.long, device=mask.device)
+    label_mask = torch.zeros_like(labels)
+    for k, l in enumerate(label_ids):
+        labels[k, : len(l)] = torch.tensor(l)
+        label_mask[k, : len(l)] = 1
+    first = torch.log_softmax(last_logits.float(), -1)[:, labels[:, 0]]  # (B, K): first label token
+    if width == 1:
+        return first
+    cache.batch_repeat_interleave(K)
+    lengths = mask.sum(-1).repeat_interleave(K)
+    attn = torch.cat([mask.repeat_interleave(K, dim=0), label_mask.repeat(B, 1)], dim=1)
+    # Right padding inside the label part is harmless: positions are causal, and we read
+    # only the log-probabilities of real label tokens.
+    logits = model(input_ids=labels[:, :-1].repeat(B, 1), attention_mask=attn[:, :-1],
+                   position_ids=lengths[:, None] + torch.arange(width - 1, device=mask.device),
+                   past_key_values=cache, use_cache=True).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    target = labels[:, 1:].repeat(B, 1)
+    rest = logp.gather(-1, target[..., None])[..., 0] * label_mask[:, 1:].repeat(B, 1)
+    return first + rest.sum(-1).view(B, K)
+
+
+def evaluate_task(model, encoder: Encoder, task: Task, *, batch_size: int = 16, max_new_tokens: int = 0,
                   autocast=None) -> TaskScore:
     """Score ``task.test`` both ways; the model is put in eval mode and restored after."""
-    from contextlib import nullcontext
-
     autocast = autocast or nullcontext
+    tok = encoder.tokenizer
     device = next(model.parameters()).device
+    label_ids = [encoder.answer_ids(label, eos=False) for label in task.labels]
+    max_new_tokens = max_new_tokens or max(len(l) for l in label_ids) + 3
+    prompts = [encoder.encode(ex, answer="", eos=False).prompt_ids for ex in task.test]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    choice = torch.empty(len(prompts), dtype=torch.long)
+    answers = [""] * len(prompts)
     was_training = model.training
     model.eval()
-    start = time.perf_counter()
-    scores, t1 = _choice_scores(model, encoder, task, batch_size, device, autocast)
-    gold = torch.tensor([task.labels.index(ex.answer) for ex in task.test])
-    accuracy = (scores.argmax(-1) == gold).float().mean().item()
-    if max_new_tokens == 0:
-        max_new_tokens = max(len(encoder.answer_ids(label, eos=False)) for label in task.labels) + 3
-    answers, t2 = _greedy_answers(model, encoder, task, batch_size, max_new_tokens, device, autocast)
-    exact = sum(normalize_answer(a) == normalize_answer(ex.answer) for a, ex in zip(answers, task.test))
+    start, tokens = time.perf_counter(), 0
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        ids, mask = (t.to(device) for t in _left_pad([prompts[i] for i in idx], tok.pad_token_id))
+        with torch.no_grad(), autocast():
+            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                        use_cache=True, logits_to_keep=1)
+            last = out.logits[:, -1]
+            generated = _greedy(model, copy.deepcopy(out.past_key_values), last, mask, max_new_tokens,
+                                tok.eos_token_id)
+            scores = _label_logprobs(model, out.past_key_values, last, mask, label_ids)
+        choice[idx] = scores.argmax(-1).cpu()
+        for row, i in enumerate(idx):
+            answers[i] = tok.decode(generated[row], skip_special_tokens=True)
+        tokens += int(mask.sum()) + generated.numel() + len(idx) * sum(len(l) for l in label_ids)
     seconds = time.perf_counter() - start
     model.train(was_training)
-    return TaskScore(accuracy, exact / len(task.test), len(task.test), seconds, (t1 + t2) / max(seconds, 1e-9))
+    gold = torch.tensor([task.labels.index(ex.answer) for ex in task.test])
+    accuracy = (choice == gold).float().mean().item()
+    exact = sum(normalize_answer(a) == normalize_answer(ex.answer) for a, ex in zip(answers, task.test))
+    return TaskScore(accuracy, exact / len(task.test), len(task.test), seconds, tokens / max(seconds, 1e-9))
