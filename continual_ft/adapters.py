@@ -39,8 +39,12 @@ def peft_config(cfg: LoraConfig, num_layers: int | None = None) -> PeftLoraConfi
         if not layers:
             raise ContinualFTError("lora.frozen_layers freezes every layer: nothing would train")
     return PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-        layers_to_transform=layers, task_type="CAUSAL_LM",
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        layers_to_transform=layers,
+        task_type="CAUSAL_LM",
     )
 
 

@@ -95,8 +95,9 @@ def collate(items: Sequence[Encoded], pad_id: int) -> dict:
     }
 
 
-def length_grouped_batches(items: Sequence[Encoded], batch_size: int, rng: random.Random | None,
-                           mega: int = 32) -> Iterator[list[Encoded]]:
+def length_grouped_batches(
+    items: Sequence[Encoded], batch_size: int, rng: random.Random | None, mega: int = 32
+) -> Iterator[list[Encoded]]:
     """Shuffle, then sort by length inside chunks of ``mega`` batches so padding stays small.
 
     With ``rng=None`` the order is deterministic (sorted by length), as for evaluation.

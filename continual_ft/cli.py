@@ -72,7 +72,22 @@ def plot(run_dir):
         click.echo(path)
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for our own progress: library deprecation notes and load bars are noise here."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # bitsandbytes warns at import, on every CPU without its optional `kernels` package.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> None:
+    _quiet_libraries()
     try:
         cli.main(args=argv, standalone_mode=False)
     except ContinualFTError as e:

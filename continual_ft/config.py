@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -51,7 +51,9 @@ class TrainConfig:
 
     def __post_init__(self):
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
-        _require(self.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _require(
+            self.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+        )
         _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
@@ -73,7 +75,8 @@ class LoraConfig:
     # on SmolLM2-135M, bf16); off by default, set lora.dropout=0.05 to regularise.
     dropout: float = _help("dropout on the LoRA input", 0.0)
     target_modules: List[str] = _help(
-        "module names that get LoRA", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        "module names that get LoRA",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     frozen_layers: List[int] = _help("transformer layer indices left without LoRA (kept frozen)", factory=list)
 
@@ -97,9 +100,9 @@ class EvalConfig:
 
 @dataclass
 class DataConfig:
-    train_size: Optional[int] = _help("training examples per task; overrides the scenario's sizes", None)
-    validation_size: Optional[int] = _help("validation examples per task; overrides the scenario", None)
-    test_size: Optional[int] = _help("test examples per task; overrides the scenario", None)
+    train_size: int | None = _help("training examples per task; overrides the scenario's sizes", None)
+    validation_size: int | None = _help("validation examples per task; overrides the scenario", None)
+    test_size: int | None = _help("test examples per task; overrides the scenario", None)
     chat_template: bool = _help("wrap prompts in the tokenizer's chat template when it has one", True)
     system_prompt: str = _help("system message used with the chat template", "Answer with the label only.")
 
@@ -125,7 +128,7 @@ class RunConfig:
     seed: int = _help("seed for data sampling, initialisation and shuffling", 0)
     quick: bool = _help("use the scenario's small `quick` sizes (a ~2 minute run)", False)
     output_dir: str = _help("parent directory of run directories", "runs")
-    name: Optional[str] = _help("run directory name; default derived from scenario, strategy, adapter", None)
+    name: str | None = _help("run directory name; default derived from scenario, strategy, adapter", None)
     train: TrainConfig = _help("training hyperparameters", factory=TrainConfig)
     lora: LoraConfig = _help("LoRA hyperparameters", factory=LoraConfig)
     eval: EvalConfig = _help("evaluation settings", factory=EvalConfig)
@@ -133,7 +136,9 @@ class RunConfig:
     strategy_args: Dict[str, Any] = _help("per-strategy settings, e.g. replay.buffer_size=200", factory=dict)
 
     def __post_init__(self):
-        _require(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _require(
+            self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+        )
         _require(self.quantize in QUANTIZE, f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
 
     def run_name(self) -> str:

@@ -13,6 +13,7 @@ plus a few label tokens per example, not K full passes.
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,6 +39,12 @@ def normalize_answer(text: str) -> str:
     return text.strip().split("\n")[0].strip().rstrip(".").strip().lower()
 
 
+def _cache_kwarg(model) -> str:
+    """transformers 5.x renames ``past_key_values`` to ``cache``; use whichever the model takes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _left_pad(seqs: list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -60,8 +67,13 @@ def _greedy(model, cache, last_logits, mask, max_new_tokens: int, eos_id: int | 
         if done.all() or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=(lengths + step)[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=(lengths + step)[:, None],
+            use_cache=True,
+            **{_cache_kwarg(model): cache},
+        ).logits[:, -1]
         token = logits.argmax(-1)
     return torch.stack(out, dim=1)
 
@@ -84,17 +96,22 @@ def _label_logprobs(model, cache, last_logits, mask, label_ids: list[tuple[int, 
     attn = torch.cat([mask.repeat_interleave(K, dim=0), label_mask.repeat(B, 1)], dim=1)
     # Right padding inside the label part is harmless: positions are causal, and we read
     # only the log-probabilities of real label tokens.
-    logits = model(input_ids=labels[:, :-1].repeat(B, 1), attention_mask=attn[:, :-1],
-                   position_ids=lengths[:, None] + torch.arange(width - 1, device=mask.device),
-                   past_key_values=cache, use_cache=True).logits
+    logits = model(
+        input_ids=labels[:, :-1].repeat(B, 1),
+        attention_mask=attn[:, :-1],
+        position_ids=lengths[:, None] + torch.arange(width - 1, device=mask.device),
+        use_cache=True,
+        **{_cache_kwarg(model): cache},
+    ).logits
     logp = torch.log_softmax(logits.float(), -1)
     target = labels[:, 1:].repeat(B, 1)
     rest = logp.gather(-1, target[..., None])[..., 0] * label_mask[:, 1:].repeat(B, 1)
     return first + rest.sum(-1).view(B, K)
 
 
-def evaluate_task(model, encoder: Encoder, task: Task, *, batch_size: int = 16, max_new_tokens: int = 0,
-                  autocast=None) -> TaskScore:
+def evaluate_task(
+    model, encoder: Encoder, task: Task, *, batch_size: int = 16, max_new_tokens: int = 0, autocast=None
+) -> TaskScore:
     """Score ``task.test`` both ways; the model is put in eval mode and restored after."""
     autocast = autocast or nullcontext
     tok = encoder.tokenizer
@@ -112,12 +129,16 @@ def evaluate_task(model, encoder: Encoder, task: Task, *, batch_size: int = 16, 
         idx = order[s : s + batch_size]
         ids, mask = (t.to(device) for t in _left_pad([prompts[i] for i in idx], tok.pad_token_id))
         with torch.no_grad(), autocast():
-            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                        use_cache=True, logits_to_keep=1)
-            last = out.logits[:, -1]
-            generated = _greedy(model, copy.deepcopy(out.past_key_values), last, mask, max_new_tokens,
-                                tok.eos_token_id)
-            scores = _label_logprobs(model, out.past_key_values, last, mask, label_ids)
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            last, cache = out.logits[:, -1], out.past_key_values
+            generated = _greedy(model, copy.deepcopy(cache), last, mask, max_new_tokens, tok.eos_token_id)
+            scores = _label_logprobs(model, cache, last, mask, label_ids)
         choice[idx] = scores.argmax(-1).cpu()
         for row, i in enumerate(idx):
             answers[i] = tok.decode(generated[row], skip_special_tokens=True)

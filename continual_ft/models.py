@@ -129,21 +129,26 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, seed: int = 0,
-               quantization_config=None):
+def load_model(
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    quantization_config=None,
+):
     """Return ``(model, tokenizer)`` for ``name``: a built-in name, a local directory, or a hub id.
 
     ``quantization_config`` (a ``BitsAndBytesConfig``) loads the base weights in 4 bit for QLoRA.
     """
+    if name not in MODELS and not Path(name).exists() and "/" not in name:
+        raise ContinualFTError(
+            f"unknown model {name!r}: use one of {', '.join(MODELS)}, a local directory, or a hub id (org/name)"
+        )
     tokenizer = load_tokenizer(name, trust_remote_code)
     if name == "tiny":
         model = _tiny_model(len(tokenizer), seed).to(dtype)
     else:
         path = _smollm2_checkpoint() if name == "smollm2-135m" else name
-        if name != "smollm2-135m" and not Path(name).exists() and "/" not in name:
-            raise ContinualFTError(
-                f"unknown model {name!r}: use one of {', '.join(MODELS)}, a local directory, or a hub id (org/name)"
-            )
         kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
         if quantization_config is not None:
             kwargs["quantization_config"] = quantization_config

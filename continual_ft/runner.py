@@ -86,16 +86,26 @@ def run(config: RunConfig, progress: bool = True) -> Results:
 
     t_start = time.perf_counter()
     strategies = build(config.strategy, config.strategy_args)
+    for s in strategies:
+        needs = getattr(s, "requires_adapter", None)  # e.g. O-LoRA needs a fresh adapter per stage
+        if needs and config.adapter not in needs:
+            raise ContinualFTError(f"strategy={s.name} needs adapter={' or '.join(needs)}, not {config.adapter}")
     if config.adapter not in adapters.ADAPTER_MODES:
         raise ContinualFTError(f"unknown adapter {config.adapter!r}; choose from {', '.join(adapters.ADAPTER_MODES)}")
     if config.quantize != "none" and config.model == "tiny":
-        raise ContinualFTError("quantize=nf4 loads a checkpoint in 4 bit; model=tiny is built in memory, use a directory")
+        raise ContinualFTError(
+            "quantize=nf4 loads a checkpoint in 4 bit; model=tiny is built in memory, use a directory"
+        )
     scenario = load_scenario(config.scenario, quick=config.quick, seed=config.seed, sizes=config.data.sizes())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(config.precision, device)
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config.model, trust_remote_code=config.trust_remote_code, seed=config.seed,
-                                  quantization_config=_quantization(config))
+    model, tokenizer = load_model(
+        config.model,
+        trust_remote_code=config.trust_remote_code,
+        seed=config.seed,
+        quantization_config=_quantization(config),
+    )
     if config.quantize == "none":
         # Frozen base weights in bf16 halve memory and skip autocast's per-step casts;
         # PEFT keeps the LoRA weights themselves in fp32.
@@ -112,27 +122,58 @@ def run(config: RunConfig, progress: bool = True) -> Results:
     tasks = list(scenario.tasks)
     first = [next(i + 1 for i, st in enumerate(scenario.stages) if t in st.tasks) for t in tasks]
     data = {
-        "scenario": scenario.name, "strategy": config.strategy, "adapter": config.adapter, "model": config.model,
-        "precision": precision, "device": str(device), "seed": config.seed, "quick": config.quick,
-        "tasks": tasks, "stages": [{"name": s.name, "tasks": s.tasks} for s in scenario.stages],
-        "first_stage": first, "primary_metric": scenario.metric,
-        "rows": [], "R": {m: [] for m in METRICS}, "metrics": {}, "stage_stats": [], "eval": [],
-        "complete": False, "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "scenario": scenario.name,
+        "strategy": config.strategy,
+        "adapter": config.adapter,
+        "model": config.model,
+        "precision": precision,
+        "device": str(device),
+        "seed": config.seed,
+        "quick": config.quick,
+        "tasks": tasks,
+        "stages": [{"name": s.name, "tasks": s.tasks} for s in scenario.stages],
+        "first_stage": first,
+        "primary_metric": scenario.metric,
+        "rows": [],
+        "R": {m: [] for m in METRICS},
+        "metrics": {},
+        "stage_stats": [],
+        "eval": [],
+        "complete": False,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
     }
 
     def evaluate_all(row_name: str) -> None:
-        scores = {t: evaluate_task(model, encoder, scenario.tasks[t], batch_size=config.eval.batch_size,
-                                   max_new_tokens=config.eval.max_new_tokens, autocast=autocast) for t in tasks}
+        scores = {
+            t: evaluate_task(
+                model,
+                encoder,
+                scenario.tasks[t],
+                batch_size=config.eval.batch_size,
+                max_new_tokens=config.eval.max_new_tokens,
+                autocast=autocast,
+            )
+            for t in tasks
+        }
         data["rows"].append(row_name)
         for m in METRICS:
             data["R"][m].append([getattr(scores[t], m) for t in tasks])
         seconds = sum(s.seconds for s in scores.values())
         n = sum(s.n for s in scores.values())
-        data["eval"].append({"row": row_name, "seconds": seconds, "seconds_per_example": seconds / n,
-                             "tokens_per_s": sum(s.tokens_per_s * s.seconds for s in scores.values()) / seconds})
-        _log(progress, f"[eval] {row_name}: " + ", ".join(
-            f"{t} acc={100 * scores[t].accuracy:.1f} em={100 * scores[t].exact_match:.1f}" for t in tasks)
-            + f" ({seconds:.0f}s)")
+        data["eval"].append(
+            {
+                "row": row_name,
+                "seconds": seconds,
+                "seconds_per_example": seconds / n,
+                "tokens_per_s": sum(s.tokens_per_s * s.seconds for s in scores.values()) / seconds,
+            }
+        )
+        _log(
+            progress,
+            f"[eval] {row_name}: "
+            + ", ".join(f"{t} acc={100 * scores[t].accuracy:.1f} em={100 * scores[t].exact_match:.1f}" for t in tasks)
+            + f" ({seconds:.0f}s)",
+        )
 
     def save(complete: bool) -> None:
         data["complete"] = complete
@@ -162,10 +203,24 @@ def run(config: RunConfig, progress: bool = True) -> Results:
         model = adapters.start_stage(model, config.adapter, i, config.lora)
         for s in strategies:
             s.before_stage(model, stage)
-        _log(progress, f"[stage {i + 1}/{len(scenario.stages)}] {stage_def.name}: {len(examples)} examples "
-                       f"({len(own)} own), strategy={config.strategy}, adapter={config.adapter}, {precision}")
-        st = train_stage(model, encoder, examples, validation, config.train, strategies, stage,
-                         seed=config.seed + i, autocast=autocast, progress=progress, desc=f"stage {i + 1}")
+        _log(
+            progress,
+            f"[stage {i + 1}/{len(scenario.stages)}] {stage_def.name}: {len(examples)} examples "
+            f"({len(own)} own), strategy={config.strategy}, adapter={config.adapter}, {precision}",
+        )
+        st = train_stage(
+            model,
+            encoder,
+            examples,
+            validation,
+            config.train,
+            strategies,
+            stage,
+            seed=config.seed + i,
+            autocast=autocast,
+            progress=progress,
+            desc=f"stage {i + 1}",
+        )
         for s in strategies:
             s.after_stage(model, stage)
         adapter_dir = adapters.save_stage(model, config.adapter, i, run_dir)
@@ -173,15 +228,29 @@ def run(config: RunConfig, progress: bool = True) -> Results:
         if any(state.values()):
             torch.save(state, run_dir / "adapters" / f"stage{i + 1}" / "strategy_state.pt")
         trainable, total = adapters.trainable_parameters(model)
-        data["stage_stats"].append({
-            "stage": stage_def.name, "examples": len(examples), "steps": st.steps, "tokens": st.tokens,
-            "train_seconds": st.seconds, "tokens_per_s": st.tokens_per_s, "train_loss": st.train_loss,
-            "val_losses": st.val_losses, "best_val_loss": st.best_val_loss, "stopped_early": st.stopped_early,
-            "trainable_params": trainable, "total_params": total, "adapter_dir": str(adapter_dir.relative_to(run_dir)),
-            "adapter_bytes": sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()),
-        })
-        _log(progress, f"[stage {i + 1}] {st.steps} steps, {st.tokens} tokens in {st.seconds:.0f}s "
-                       f"({st.tokens_per_s:.0f} tok/s), train loss {st.train_loss:.3f}")
+        data["stage_stats"].append(
+            {
+                "stage": stage_def.name,
+                "examples": len(examples),
+                "steps": st.steps,
+                "tokens": st.tokens,
+                "train_seconds": st.seconds,
+                "tokens_per_s": st.tokens_per_s,
+                "train_loss": st.train_loss,
+                "val_losses": st.val_losses,
+                "best_val_loss": st.best_val_loss,
+                "stopped_early": st.stopped_early,
+                "trainable_params": trainable,
+                "total_params": total,
+                "adapter_dir": str(adapter_dir.relative_to(run_dir)),
+                "adapter_bytes": sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()),
+            }
+        )
+        _log(
+            progress,
+            f"[stage {i + 1}] {st.steps} steps, {st.tokens} tokens in {st.seconds:.0f}s "
+            f"({st.tokens_per_s:.0f} tok/s), train loss {st.train_loss:.3f}",
+        )
         evaluate_all(f"after {stage_def.name}")
         save(False)
 

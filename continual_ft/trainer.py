@@ -23,7 +23,7 @@ from continual_ft.batching import Encoder, collate, length_grouped_batches, to_d
 from continual_ft.config import TrainConfig
 from continual_ft.data import Example
 
-__all__ = ["StageStats", "train_stage", "resolve_precision", "autocast_for", "validation_loss"]
+__all__ = ["StageStats", "train_stage", "backward_step", "resolve_precision", "autocast_for", "validation_loss"]
 
 
 @dataclass
@@ -84,9 +84,42 @@ def validation_loss(model, encoder: Encoder, examples: Sequence[Example], batch_
     return total / max(count, 1)
 
 
-def train_stage(model, encoder: Encoder, examples: Sequence[Example], validation: Sequence[Example],
-                cfg: TrainConfig, strategies: Sequence = (), stage=None, *, seed: int = 0,
-                autocast: Callable = nullcontext, progress: bool = True, desc: str = "train") -> StageStats:
+def backward_step(
+    model, micro: Sequence[dict], strategies: Sequence = (), autocast: Callable = nullcontext
+) -> tuple[float, int]:
+    """Accumulate the gradients of one optimizer step over its micro-batches.
+
+    Returns the summed task loss and the answer-token count (for logging).
+    """
+    step_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
+    total = 0.0
+    for batch in micro:
+        with autocast():
+            summed, n, outputs = token_loss(model, batch)
+            loss = summed / step_tokens
+            for s in strategies:
+                extra = s.penalty(model, batch, outputs)
+                if extra is not None:
+                    loss = loss + (n / step_tokens) * extra
+        loss.backward()
+        total += summed.item()
+    return total, step_tokens
+
+
+def train_stage(
+    model,
+    encoder: Encoder,
+    examples: Sequence[Example],
+    validation: Sequence[Example],
+    cfg: TrainConfig,
+    strategies: Sequence = (),
+    stage=None,
+    *,
+    seed: int = 0,
+    autocast: Callable = nullcontext,
+    progress: bool = True,
+    desc: str = "train",
+) -> StageStats:
     """Train ``model``'s trainable parameters on ``examples`` for one stage."""
     device = next(model.parameters()).device
     pad = encoder.tokenizer.pad_token_id
@@ -97,8 +130,9 @@ def train_stage(model, encoder: Encoder, examples: Sequence[Example], validation
 
     params = _trainable(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=min(cfg.warmup_steps, total_steps),
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        cfg.schedule, optimizer, num_warmup_steps=min(cfg.warmup_steps, total_steps), num_training_steps=total_steps
+    )
 
     def micro_batches():
         while True:  # epochs, reshuffled each time; the step budget decides when to stop
@@ -111,19 +145,9 @@ def train_stage(model, encoder: Encoder, examples: Sequence[Example], validation
     start = time.perf_counter()
     for step in range(1, total_steps + 1):
         micro = [to_device(collate(next(stream), pad), device) for _ in range(cfg.grad_accum)]
-        step_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
-        for batch in micro:
-            with autocast():
-                summed, n, outputs = token_loss(model, batch)
-                loss = summed / step_tokens
-                share = n / step_tokens
-                for s in strategies:
-                    extra = s.penalty(model, batch, outputs)
-                    if extra is not None:
-                        loss = loss + share * extra
-            loss.backward()
-            loss_sum, loss_tokens = loss_sum + summed.item(), loss_tokens + n
-            stats.tokens += batch["n_tokens"]
+        summed, n = backward_step(model, micro, strategies, autocast)
+        loss_sum, loss_tokens = loss_sum + summed, loss_tokens + n
+        stats.tokens += sum(b["n_tokens"] for b in micro)
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()

@@ -13,12 +13,36 @@ from omegaconf.errors import OmegaConfBaseException
 
 from continual_ft.errors import ContinualFTError
 from continual_ft.strategies.base import StageInfo, Strategy
+from continual_ft.strategies.ewc import EWC, EWCConfig
+from continual_ft.strategies.joint import Joint, JointConfig
+from continual_ft.strategies.lwf import LwF, LwFConfig
 from continual_ft.strategies.naive import Naive, NaiveConfig
+from continual_ft.strategies.olora import OLoRA, OLoRAConfig
+from continual_ft.strategies.replay import Replay, ReplayConfig
+from continual_ft.strategies.task_balanced import TaskBalanced, TaskBalancedConfig
 
-__all__ = ["STRATEGIES", "Strategy", "StageInfo", "Naive", "build"]
+__all__ = [
+    "STRATEGIES",
+    "Strategy",
+    "StageInfo",
+    "Naive",
+    "Replay",
+    "EWC",
+    "TaskBalanced",
+    "Joint",
+    "LwF",
+    "OLoRA",
+    "build",
+]
 
 STRATEGIES: dict[str, tuple[type[Strategy], type]] = {
     "naive": (Naive, NaiveConfig),
+    "lwf": (LwF, LwFConfig),
+    "olora": (OLoRA, OLoRAConfig),
+    "replay": (Replay, ReplayConfig),
+    "ewc": (EWC, EWCConfig),
+    "task_balanced": (TaskBalanced, TaskBalancedConfig),
+    "joint": (Joint, JointConfig),
 }
 
 

@@ -1,0 +1,152 @@
+"""Our strategies inside the Hugging Face ``Trainer``: a thin integration, as trl's trainers are.
+
+Callbacks never see the loss, so penalties go through a ``compute_loss`` override
+(:class:`ContinualTrainer`). The stage hooks run around ``trainer.train()``, either by hand::
+
+    stage = stage_info(0, examples, encoder)
+    for s in strategies:
+        examples = s.train_data(stage, examples)
+    for s in strategies:
+        s.before_stage(model, stage)
+    trainer = ContinualTrainer(model=model, args=args, train_dataset=ExampleDataset(examples, encoder),
+                               data_collator=Collator(tokenizer.pad_token_id), strategies=strategies)
+    trainer.train()
+    for s in strategies:
+        s.after_stage(model, stage)
+
+or with :func:`train_stage_hf`, which does exactly that. The model must already carry the
+stage's adapter (``continual_ft.adapters.start_stage`` or ``peft.get_peft_model``).
+
+Batches are ours (:func:`continual_ft.batching.collate`): left-padded, ``labels`` aligned with
+the last ``logits_to_keep - 1`` positions, plus ``tasks`` and ``n_tokens`` for strategies. The
+task loss is the mean cross-entropy over each micro-batch's answer tokens; the Trainer divides
+it by the accumulation steps, so micro-batches weigh equally (our own trainer weighs them by
+answer tokens instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainingArguments
+
+from continual_ft.batching import (
+    Encoded,
+    Encoder,
+    collate,
+    length_grouped_batches,
+    mean_token_loss,
+    to_device,
+    token_loss,
+)
+from continual_ft.data import Example
+from continual_ft.strategies import StageInfo, Strategy
+
+__all__ = ["ContinualTrainer", "ExampleDataset", "Collator", "stage_info", "train_stage_hf"]
+
+
+class ExampleDataset(Dataset):
+    """Examples encoded once with ``encoder`` (prompt and answer ids); items are :class:`Encoded`."""
+
+    def __init__(self, examples: Sequence[Example], encoder: Encoder):
+        self.items = [encoder.encode(e) for e in examples]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Encoded:
+        return self.items[i]
+
+
+class Collator:
+    """``collate`` as a Trainer ``data_collator``: model inputs (with ``logits_to_keep``), labels, tasks, n_tokens."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[Encoded]) -> dict:
+        return collate(items, self.pad_id)
+
+
+class ContinualTrainer(Trainer):
+    """``transformers.Trainer`` whose training loss is ``L_task + Σ_s penalty_s(model, batch, outputs)``.
+
+    ``L_task`` is the mean cross-entropy over the batch's answer tokens, computed from logits of the
+    last ``logits_to_keep`` positions only. Penalties are added in training only, so ``eval_loss``
+    stays the plain task loss.
+    """
+
+    # compute_loss returns a per-micro-batch mean; let the Trainer divide by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, strategies: Sequence[Strategy] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.strategies = list(strategies)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Our labels are already shifted and cut to logits_to_keep, so the model must not see them
+        # (its own loss would shift them again); token_loss passes only the model inputs.
+        summed, n, outputs = token_loss(model, inputs)
+        loss = summed / max(n, 1)
+        if model.training:
+            for s in self.strategies:
+                extra = s.penalty(model, inputs, outputs)
+                if extra is not None:
+                    loss = loss + extra
+        return (loss, outputs) if return_outputs else loss
+
+
+def stage_info(index: int, examples: Sequence[Example], encoder: Encoder, batch_size: int = 8) -> StageInfo:
+    """A :class:`StageInfo` for a stage trained outside our runner, with the runner's ``batches`` and ``loss_fn``.
+
+    ``batches`` yields CPU tensors and ``loss_fn`` moves each batch to the model's device, since the
+    Trainer places the model only when training starts.
+    """
+
+    def batches(exs):
+        encoded = [encoder.encode(e) for e in exs]
+        for items in length_grouped_batches(encoded, batch_size, rng=None):
+            yield collate(items, encoder.tokenizer.pad_token_id)
+
+    def loss_fn(model, batch):
+        return mean_token_loss(model, to_device(batch, next(model.parameters()).device))
+
+    tasks = list(dict.fromkeys(e.task for e in examples))
+    return StageInfo(index=index, tasks=tasks, examples=list(examples), batches=batches, loss_fn=loss_fn)
+
+
+def train_stage_hf(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    strategies: Sequence[Strategy],
+    stage: StageInfo,
+    training_args: TrainingArguments,
+    *,
+    encoder: Encoder | None = None,
+    **trainer_kwargs,
+) -> ContinualTrainer:
+    """One stage with the HF Trainer: train_data → before_stage → ``trainer.train()`` → after_stage.
+
+    ``model`` must already carry the stage's adapter. Returns the trainer (its ``state.log_history``
+    holds the losses). Extra keyword arguments go to :class:`ContinualTrainer`.
+    """
+    encoder = encoder or Encoder(tokenizer)
+    examples = list(examples)
+    for s in strategies:
+        examples = s.train_data(stage, examples)
+    for s in strategies:
+        s.before_stage(model, stage)
+    trainer = ContinualTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=ExampleDataset(examples, encoder),
+        data_collator=Collator(tokenizer.pad_token_id),
+        strategies=strategies,
+        **trainer_kwargs,
+    )
+    trainer.train()
+    for s in strategies:
+        s.after_stage(model, stage)
+    return trainer

@@ -1,0 +1,141 @@
+"""Elastic Weight Consolidation (Kirkpatrick et al. 2017, https://arxiv.org/abs/1612.00796) on adapter weights.
+
+Only trainable parameters (the LoRA adapter, a few MB) get a Fisher and an anchor, never the
+frozen base model. Parameters are keyed by their ``named_parameters()`` name, so a penalty
+applies only to a parameter that exists, is trainable, and was trainable when an anchor was taken.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from continual_ft.errors import ContinualFTError
+from continual_ft.strategies.base import StageInfo, Strategy
+
+__all__ = ["EWC", "EWCConfig"]
+
+
+@dataclass
+class EWCConfig:
+    lam: float = field(default=100.0, metadata={"help": "penalty strength λ (Fisher is max-normalised; try 1-1e4)"})
+    fisher_batches: int = field(
+        default=16, metadata={"help": "batches of the stage's data used to estimate the Fisher"}
+    )
+    online: bool = field(default=False, metadata={"help": "online EWC: one decayed Fisher and the latest anchor"})
+    gamma: float = field(default=1.0, metadata={"help": "online EWC: decay of the old Fisher, F ← γ·F_old + F_new"})
+    normalize: bool = field(default=True, metadata={"help": "divide each stage's Fisher by its largest entry"})
+    seed: int = field(default=0, metadata={"help": "seed for picking the examples the Fisher is estimated on"})
+
+    def __post_init__(self):
+        if self.lam < 0:
+            raise ContinualFTError(f"ewc.lam must be >= 0, got {self.lam}")
+        if self.fisher_batches < 1:
+            raise ContinualFTError(f"ewc.fisher_batches must be >= 1, got {self.fisher_batches}")
+        if not 0 <= self.gamma <= 1:
+            raise ContinualFTError(f"ewc.gamma must be in [0, 1], got {self.gamma}")
+
+
+Tensors = dict[str, torch.Tensor]
+
+
+class EWC(Strategy):
+    """EWC penalty over the anchors of earlier stages:
+
+        L = L_task + λ/2 Σ_t Σ_i F_t,i (θ_i − θ*_t,i)²
+
+    * F_t: diagonal empirical Fisher of stage t, at the batch level: the squared gradient of the
+      mean answer-token loss (``stage.loss_fn``, gold answers) of each batch, averaged over at most
+      ``fisher_batches`` batches of a seeded random subset of the stage's own examples. With
+      ``normalize`` it is divided by its largest entry (F ∈ [0, 1]), so λ does not depend on the
+      model's gradient scale or the batch size (a batch-level Fisher is ≈ 1/batch of a per-example one).
+    * θ*_t: the trainable parameters at the end of stage t.
+    * Plain EWC keeps one (F_t, θ*_t) pair per stage (exact; memory grows by one adapter-size
+      pair per stage). Online EWC (Schwarz et al. 2018) keeps one pair: F ← γ·F_old + F_new, θ* ← θ*_new.
+
+    A parameter frozen at penalty time (earlier adapters under ``adapter=new``) gets no penalty,
+    and neither does one that was not trainable at an anchor (a new stage's adapter).
+    """
+
+    name = "ewc"
+
+    def __init__(self, config: EWCConfig | None = None):
+        self.config = config or EWCConfig()
+        self.anchors: list[dict[str, Tensors]] = []  # [{"fisher": {name: F}, "anchor": {name: θ*}}, ...]
+        self._device_cache: tuple | None = None
+
+    def fisher(self, model: nn.Module, stage: StageInfo) -> Tensors:
+        """Diagonal empirical Fisher of the trainable parameters on this stage's examples."""
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        examples = stage.examples
+        first = next(iter(stage.batches(examples)), None)
+        if first is None:
+            return {}
+        subset = random.Random(f"{self.config.seed}:{stage.index}").sample(
+            examples, min(len(examples), self.config.fisher_batches * len(first["tasks"]))
+        )
+        fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        was_training = model.training
+        model.eval()  # no dropout: the Fisher of the model as it will be evaluated
+        count = 0
+        with torch.enable_grad():
+            for batch in stage.batches(subset):
+                for p in params.values():
+                    p.grad = None
+                stage.loss_fn(model, batch).backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        fisher[n] += p.grad.detach().float() ** 2
+                count += 1
+        for p in params.values():
+            p.grad = None
+        model.train(was_training)
+        fisher = {n: (f / max(count, 1)).cpu() for n, f in fisher.items()}
+        top = max((float(f.max()) for f in fisher.values()), default=0.0)
+        if self.config.normalize and top > 0:
+            fisher = {n: f / top for n, f in fisher.items()}
+        return fisher
+
+    def after_stage(self, model: nn.Module, stage: StageInfo) -> None:
+        fisher = self.fisher(model, stage)
+        anchor = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if n in fisher}
+        if self.config.online and self.anchors:
+            old, gamma = self.anchors[0], self.config.gamma
+            # A parameter not trainable now (an earlier adapter under adapter=new) keeps its decayed entry.
+            for n, f in old["fisher"].items():
+                fisher[n] = gamma * f + fisher[n] if n in fisher else gamma * f
+                anchor.setdefault(n, old["anchor"][n])
+            self.anchors = []
+        self.anchors.append({"fisher": fisher, "anchor": anchor})
+        self._device_cache = None
+
+    def _on(self, device: torch.device) -> list[dict[str, Tensors]]:
+        # Keep a copy next to the parameters: moving a few MB to the GPU at every step would dominate the penalty.
+        if self._device_cache is None or self._device_cache[0] != device:
+            moved = [{k: {n: t.to(device) for n, t in d.items()} for k, d in a.items()} for a in self.anchors]
+            self._device_cache = (device, moved)
+        return self._device_cache[1]
+
+    def penalty(self, model: nn.Module, batch: dict, outputs) -> torch.Tensor | None:
+        if not self.anchors or self.config.lam == 0:
+            return None
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not params:
+            return None
+        total = None
+        for a in self._on(params[0][1].device):
+            for n, p in params:
+                if n in a["fisher"]:
+                    term = (a["fisher"][n] * (p.float() - a["anchor"][n]) ** 2).sum()
+                    total = term if total is None else total + term
+        return None if total is None else self.config.lam / 2 * total
+
+    def state_dict(self) -> dict:
+        return {"anchors": [{k: dict(d) for k, d in a.items()} for a in self.anchors]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.anchors = [{k: {n: t.cpu() for n, t in d.items()} for k, d in a.items()} for a in state["anchors"]]
+        self._device_cache = None

@@ -1,0 +1,91 @@
+"""Learning without Forgetting (Li & Hoiem 2016, https://arxiv.org/abs/1606.09282) as distillation.
+
+The teacher is the model as it stood at the end of the previous stage. It is not a second model:
+``before_stage`` snapshots the parameters that are about to train (the adapter, a few MB), and each
+step runs one extra no-grad forward with the snapshot swapped in (``torch.func.functional_call``,
+which swaps parameters in for the call and back after, touching no tensor in place).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from continual_ft.batching import model_inputs
+from continual_ft.errors import ContinualFTError
+from continual_ft.strategies.base import StageInfo, Strategy
+
+__all__ = ["LwF", "LwFConfig"]
+
+
+@dataclass
+class LwFConfig:
+    alpha: float = field(default=1.0, metadata={"help": "weight λ of the distillation term"})
+    temperature: float = field(default=2.0, metadata={"help": "softmax temperature T of teacher and student"})
+
+    def __post_init__(self):
+        if self.alpha < 0:
+            raise ContinualFTError(f"lwf.alpha must be >= 0, got {self.alpha}")
+        if self.temperature <= 0:
+            raise ContinualFTError(f"lwf.temperature must be > 0, got {self.temperature}")
+
+
+class LwF(Strategy):
+    """Distil the previous stage's model into the current one on the current data:
+
+        L = L_task + λ · T² · mean_answer_tokens KL( softmax(z_teacher / T) ‖ softmax(z_student / T) )
+
+    over the answer positions of the batch (labels != -100), the full vocabulary at each. T² keeps
+    the gradient scale independent of T (Hinton et al. 2015). Stage 0 has no teacher: no penalty.
+
+    The snapshot covers exactly the parameters that train in this stage, taken in ``before_stage``,
+    i.e. after the adapter for the stage is set up and before any step:
+
+    * ``adapter=continue``: the shared adapter as the previous stage left it.
+    * ``adapter=new``/``stack``: the earlier adapters are frozen, so they are the same in teacher and
+      student; the new adapter starts with B = 0, so the snapshot (that fresh adapter) makes the
+      teacher compute exactly what the previous stage's model computed.
+    """
+
+    name = "lwf"
+
+    def __init__(self, config: LwFConfig | None = None):
+        self.config = config or LwFConfig()
+        self.teacher: dict[str, torch.Tensor] | None = None  # parameter name -> snapshot
+
+    def before_stage(self, model: nn.Module, stage: StageInfo) -> None:
+        if stage.index == 0:
+            self.teacher = None
+            return
+        self.teacher = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def after_stage(self, model: nn.Module, stage: StageInfo) -> None:
+        self.teacher = None  # the next stage snapshots afresh; no need to hold memory in between
+
+    @torch.no_grad()
+    def teacher_logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """The teacher's logits for ``batch``: the model's forward with the snapshot swapped in."""
+        was_training = model.training
+        model.eval()  # a deterministic teacher: no LoRA dropout
+        try:
+            out = functional_call(model, self.teacher, args=(), kwargs=model_inputs(batch), strict=False)
+        finally:
+            model.train(was_training)
+        return out.logits
+
+    def penalty(self, model: nn.Module, batch: dict, outputs) -> torch.Tensor | None:
+        if self.teacher is None or self.config.alpha == 0:
+            return None
+        mask = batch["labels"] != -100
+        if not mask.any():
+            return None
+        T, keep = self.config.temperature, batch["logits_to_keep"]
+        # [-keep:] also accepts outputs computed over the whole sequence; [:-1] aligns with labels.
+        student = outputs.logits[:, -keep:-1][mask].float() / T  # (answer tokens, vocab)
+        teacher = self.teacher_logits(model, batch)[:, -keep:-1][mask].float() / T
+        kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="sum")
+        return self.config.alpha * T * T * kl / mask.sum()

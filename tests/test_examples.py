@@ -1,0 +1,41 @@
+"""The example scripts run end to end on the tiny model and print an R matrix."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from toy import write_toy_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+    return write_toy_scenario(tmp_path_factory.mktemp("toy"), n=40, train=16, test=6)
+
+
+@pytest.mark.parametrize("script", ["plain_loop.py", "hf_trainer.py"])
+def test_example_runs_and_prints_R(script, scenario):
+    # One thread: for a 2-layer hidden-64 model, thread hand-offs cost more than they save,
+    # and much more on a busy machine.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / script),
+        "--model",
+        "tiny",
+        "--scenario",
+        str(scenario),
+        "--batch-size",
+        "4",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "R[accuracy] (%)" in out
+    for row in ("before training", "after colors", "after animals"):
+        assert re.search(rf"^{row}\s+\d+\.\d\s+\d+\.\d\s*$", out, re.M), out
+    assert re.search(r"ACC=\d+\.\d", out)

@@ -1,0 +1,147 @@
+"""The HF Trainer integration: penalties reach the loss, the hooks fire in order, the adapter trains."""
+
+import pytest
+import torch
+from conftest import make_examples
+
+from continual_ft.adapters import start_stage
+from continual_ft.batching import Encoder, mean_token_loss
+from continual_ft.config import LoraConfig
+from continual_ft.hf import Collator, ContinualTrainer, ExampleDataset, stage_info, train_stage_hf
+from continual_ft.models import load_model
+from continual_ft.strategies import Strategy
+from continual_ft.strategies.lwf import LwF
+
+pytest.importorskip("accelerate")  # transformers.Trainer needs it
+from transformers import TrainingArguments  # noqa: E402
+
+
+class Constant(Strategy):
+    """A penalty of 5.0 with no gradient: it must show in the loss and change nothing else."""
+
+    name = "constant"
+
+    def penalty(self, model, batch, outputs):
+        return torch.tensor(5.0)
+
+
+class Recorder(Strategy):
+    """Records every hook call (Avalanche's MockPlugin)."""
+
+    name = "recorder"
+
+    def __init__(self):
+        self.calls = []
+
+    def train_data(self, stage, examples):
+        self.calls.append("train_data")
+        return examples
+
+    def before_stage(self, model, stage):
+        self.calls.append("before_stage")
+
+    def penalty(self, model, batch, outputs):
+        assert outputs.logits.shape[1] == batch["logits_to_keep"]  # logits_to_keep reached the forward
+        assert batch["labels"].shape[1] == batch["logits_to_keep"] - 1
+        assert all(t == "a" for t in batch["tasks"])
+        self.calls.append("penalty")
+        return None
+
+    def after_stage(self, model, stage):
+        self.calls.append("after_stage")
+
+
+def _setup(seed=0):
+    model, tokenizer = load_model("tiny", seed=seed)
+    model = start_stage(model, "continue", 0, LoraConfig(r=4, alpha=8))
+    return model, tokenizer, Encoder(tokenizer, max_length=64, chat_template=False)
+
+
+def _args(tmp_path, **kw):
+    return TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=kw.pop("max_steps", 3),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        seed=0,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        **kw,
+    )
+
+
+def _train(tmp_path, strategies, examples):
+    model, tokenizer, encoder = _setup()
+    trainer = train_stage_hf(
+        model, tokenizer, examples, strategies, stage_info(0, examples, encoder), _args(tmp_path), encoder=encoder
+    )
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return model, losses
+
+
+def test_penalty_raises_the_reported_loss_and_the_adapter_trains(tmp_path):
+    examples = make_examples("a", 16)
+    plain_model, plain = _train(tmp_path / "plain", [], examples)
+    model, penalised = _train(tmp_path / "penalised", [Constant()], examples)
+    assert len(plain) == len(penalised) == 3
+    for a, b in zip(plain, penalised):
+        assert b - a == pytest.approx(5.0, abs=1e-3)
+
+    fresh, _, _ = _setup()
+    trained = dict(model.named_parameters())
+    moved = [n for n, p in fresh.named_parameters() if p.requires_grad and not torch.equal(p, trained[n])]
+    assert moved and any("lora_B" in n for n in moved)
+    for p, q in zip(model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(p, q)  # a constant has no gradient: the same training as without it
+
+
+def test_compute_loss_is_the_mean_answer_token_loss(tmp_path):
+    model, tokenizer, encoder = _setup()
+    items = ExampleDataset(make_examples("a", 4), encoder)
+    batch = Collator(tokenizer.pad_token_id)([items[i] for i in range(len(items))])
+    trainer = ContinualTrainer(model=model, args=_args(tmp_path), strategies=[Constant()])
+    model.eval()  # penalties are for training only: eval_loss is the plain task loss
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.compute_loss(model, batch), mean_token_loss(model, batch))
+        model.train()
+        torch.testing.assert_close(trainer.compute_loss(model, batch), mean_token_loss(model, batch) + 5.0)
+
+
+def test_train_stage_hf_calls_the_hooks_in_order(tmp_path):
+    model, tokenizer, encoder = _setup()
+    examples = make_examples("a", 16)
+    recorder = Recorder()
+    train_stage_hf(
+        model,
+        tokenizer,
+        examples,
+        [recorder],
+        stage_info(0, examples, encoder),
+        _args(tmp_path, max_steps=2, gradient_accumulation_steps=2),
+        encoder=encoder,
+    )
+    assert recorder.calls == ["train_data", "before_stage"] + ["penalty"] * 4 + ["after_stage"]
+
+
+def test_lwf_works_inside_the_trainer(tmp_path):
+    model, tokenizer, encoder = _setup()
+    lwf = LwF()
+    seen = []
+    original = lwf.penalty
+
+    def spy(model, batch, outputs):
+        value = original(model, batch, outputs)
+        seen.append(value.item())
+        return value
+
+    lwf.penalty = spy
+    examples = make_examples("a", 16)
+    train_stage_hf(
+        model, tokenizer, examples, [lwf], stage_info(1, examples, encoder), _args(tmp_path), encoder=encoder
+    )
+    assert seen[0] == pytest.approx(0.0, abs=1e-6) and seen[-1] > 0  # equal to its teacher, then it moved away

@@ -1,0 +1,117 @@
+"""Trainer invariants and effects on a tiny model."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+from continual_ft.adapters import start_stage
+from continual_ft.batching import Encoder, collate, length_grouped_batches
+from continual_ft.config import LoraConfig, TrainConfig
+from continual_ft.data import Example
+from continual_ft.models import load_model
+from continual_ft.trainer import backward_step, train_stage, validation_loss
+
+
+def examples(n=16, seed=0):
+    rng = random.Random(seed)
+    labels = ["red", "blue", "green"]
+    out = []
+    for i in range(n):
+        c = rng.choice(labels)
+        out.append(Example("colors", f"Color of the {c} thing number {i}?\nAnswer:", c))
+    return out
+
+
+@pytest.fixture
+def setup():
+    model, tok = load_model("tiny", seed=0)
+    model = start_stage(model, "continue", 0, LoraConfig(r=4, alpha=8))
+    return model, Encoder(tok, max_length=64, chat_template=False)
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_batch8_accum1_equals_batch1_accum8(setup):
+    model, enc = setup
+    items = [enc.encode(e) for e in examples(8)]
+    pad = enc.tokenizer.pad_token_id
+    m1, m2 = model, copy.deepcopy(model)
+    backward_step(m1, [collate(items, pad)])
+    backward_step(m2, [collate([it], pad) for it in items])
+    for a, b in zip(_grads(m1), _grads(m2)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_only_on_answer_tokens(setup):
+    _, enc = setup
+    items = [enc.encode(e) for e in examples(4)]
+    batch = collate(items, enc.tokenizer.pad_token_id)
+    assert int((batch["labels"] != -100).sum()) == sum(len(it.answer_ids) for it in items)
+    for row, it in enumerate(items):
+        targets = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert targets == list(it.answer_ids)
+        assert targets[-1] == enc.tokenizer.eos_token_id
+
+
+def test_length_grouping_wastes_little_padding(setup):
+    _, enc = setup
+    items = [enc.encode(Example("t", "word " * random.Random(i).randint(1, 40), "red")) for i in range(256)]
+    rng = random.Random(0)
+    real = padded = 0
+    for b in length_grouped_batches(items, 8, rng):
+        batch = collate(b, enc.tokenizer.pad_token_id)
+        real += batch["n_tokens"]
+        padded += batch["input_ids"].numel()
+    assert real / padded > 0.9
+
+
+def test_training_lowers_validation_loss_and_changes_only_adapters(setup):
+    model, enc = setup
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    data = examples(32)
+    before = validation_loss(model, enc, data, 8, lambda: torch.autocast("cpu", enabled=False))
+    train_stage(model, enc, data, [], TrainConfig(lr=1e-2, epochs=12, batch_size=8, max_grad_norm=0), progress=False)
+    after = validation_loss(model, enc, data, 8, lambda: torch.autocast("cpu", enabled=False))
+    assert after < before - 0.5
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in frozen.items())
+    assert any(not torch.equal(params[n], p) for n, p in trainable.items())
+
+
+def test_early_stopping_keeps_best_weights(setup):
+    model, enc = setup
+    data = examples(32)
+    # A learning rate this large makes validation loss climb after the first steps.
+    cfg = TrainConfig(
+        lr=3.0,
+        schedule="constant",
+        warmup_steps=0,
+        max_steps=20,
+        batch_size=4,
+        eval_every=1,
+        patience=2,
+        max_grad_norm=0,
+    )
+    stats = train_stage(model, enc, data, data[:8], cfg, progress=False)
+    assert stats.stopped_early and stats.steps < 20
+    final = validation_loss(model, enc, data[:8], 4, lambda: torch.autocast("cpu", enabled=False))
+    assert final == pytest.approx(stats.best_val_loss, rel=1e-5)
+    assert stats.best_val_loss == min(stats.val_losses)
+
+
+def test_same_seed_same_weights():
+    outs = []
+    for _ in range(2):
+        model, tok = load_model("tiny", seed=0)
+        model = start_stage(model, "continue", 0, LoraConfig(r=4))
+        enc = Encoder(tok, max_length=64, chat_template=False)
+        train_stage(
+            model, enc, examples(16), [], TrainConfig(lr=1e-2, max_steps=3, batch_size=4), seed=1, progress=False
+        )
+        outs.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
