@@ -1,30 +1,85 @@
 """How LoRA adapters carry from stage to stage, all in one place, on PEFT's own APIs.
 
-* ``continue``: one adapter (``default``) trained on through every stage.
-* ``new`` (alias ``stack``): a fresh adapter per stage (``stage1``, ``stage2``, ...). Earlier
-  adapters stay active and frozen, so the model computes W x + Σ_k (α/r) B_k A_k x.
+The runner calls three functions; everything mode-specific happens inside them::
 
-Each stage's adapter is saved in standard PEFT format under ``adapters/stage<i>``, so
-``PeftModel.from_pretrained(base, dir)`` loads it back.
+    model = start_stage(model, mode, i, lora_cfg)           # the model to train in stage i
+    ... train ...
+    out = finish_stage(model, mode, i, run_dir, merge_cfg)  # saves, merges, combines
+    ... evaluate out.model ...
+    finish_run(out.model, mode, run_dir, tokenizer)         # merge: the merged checkpoint
+
+Modes (W is a frozen base weight, B_k A_k the LoRA of stage k, s = α/r):
+
+* ``continue``: one adapter (``default``) trained on through every stage: W x + s B A x.
+* ``new`` (alias ``stack``): a fresh adapter per stage (``stage1``, ``stage2``, ...); earlier ones
+  stay active and frozen, so after stage k the model computes W x + Σ_{j≤k} s B_j A_j x. Inference
+  cost grows with the number of stages.
+* ``merge``: after each stage the adapter is folded into the base (``merge_and_unload``),
+  W ← W + s B_k A_k, and the next stage trains a fresh adapter on the merged model. Inference cost
+  stays that of the base model. The merge happens in the base dtype: with ``precision=bf16`` the
+  runner holds the base in bf16, so every merge rounds W + s B A to bf16 (about 3 significant
+  digits), and small updates can partly vanish.
+* ``merge_final``: each stage trains a fresh adapter from the base model (only it is active while
+  training), then the adapters of stages 1..k are combined into one (``merged``) with PEFT's
+  ``add_weighted_adapter``, W x + Σ_j w_j ΔW_j for ``cat``/``svd`` (task arithmetic; ``svd`` truncates
+  the sum to rank r), or a TIES/DARE combination: model merging as a continual-learning strategy.
+  Evaluation after stage k uses the combination of stages 1..k.
+
+Saved in standard PEFT format, each loadable with ``PeftModel.from_pretrained(base, dir)``:
+``adapters/stage<k>`` (the adapter trained in stage k; under ``merge`` it applies on top of the
+model merged through stage k−1) and, for ``merge_final``, ``adapters/merged`` (the combination of
+all stages so far). ``merge`` also writes ``merged/``, a plain transformers checkpoint with its
+tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained``.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
-from continual_ft.config import LoraConfig
+from continual_ft.config import MERGE_METHODS, LoraConfig, MergeConfig
 from continual_ft.errors import ContinualFTError
 
-__all__ = ["ADAPTER_MODES", "peft_config", "start_stage", "save_stage", "adapter_names", "trainable_parameters"]
+__all__ = [
+    "ADAPTER_MODES",
+    "MERGE_METHODS",
+    "StageOutput",
+    "peft_config",
+    "start_stage",
+    "finish_stage",
+    "finish_run",
+    "save_stage",
+    "combine",
+    "adapter_names",
+    "trainable_parameters",
+    "dir_bytes",
+]
 
 ADAPTER_MODES = {
     "continue": "one adapter trained on through all stages",
     "new": "a new adapter per stage; earlier ones stay frozen and active (same as stack)",
     "stack": "a new adapter per stage; earlier ones stay frozen and active, their deltas add up",
+    "merge": "each stage's adapter is merged into the base weights; the next stage trains a fresh one",
+    "merge_final": "one adapter per stage trained from the base, combined with merge.method after each stage",
 }
+
+MERGED = "merged"  # name of the combined adapter under merge_final
+
+
+@dataclass
+class StageOutput:
+    """What :func:`finish_stage` hands back to the runner."""
+
+    model: torch.nn.Module  # the model to evaluate (and to pass to the next start_stage)
+    adapter_dir: Path  # this stage's adapter, PEFT format
+    merged_dir: Path | None = None  # merge_final: the combined adapter of stages 1..k
+    serving_dirs: list[Path] = field(default_factory=list)  # adapters the evaluated model adds to its base
 
 
 def peft_config(cfg: LoraConfig, num_layers: int | None = None) -> PeftLoraConfig:
@@ -52,6 +107,11 @@ def adapter_names(model) -> list[str]:
     return list(model.peft_config) if isinstance(model, PeftModel) else []
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in ADAPTER_MODES:
+        raise ContinualFTError(f"unknown adapter mode {mode!r}; choose from {', '.join(ADAPTER_MODES)}")
+
+
 def _check_targets(model, cfg: LoraConfig) -> None:
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in cfg.target_modules if t not in names]
@@ -60,40 +120,126 @@ def _check_targets(model, cfg: LoraConfig) -> None:
         raise ContinualFTError(f"lora.target_modules: {missing[0]!r} is not in the model; it has {', '.join(linear)}")
 
 
+def _stage_name(mode: str, stage: int) -> str:
+    # Distinct names per stage also keep EWC's name-keyed anchors off a fresh adapter.
+    return "default" if mode == "continue" else f"stage{stage + 1}"
+
+
 def start_stage(model, mode: str, stage: int, cfg: LoraConfig):
-    """Prepare ``model`` to train stage ``stage`` (0-based); returns the (PEFT) model to train."""
-    if mode not in ADAPTER_MODES:
-        raise ContinualFTError(f"unknown adapter mode {mode!r}; choose from {', '.join(ADAPTER_MODES)}")
+    """Prepare ``model`` to train stage ``stage`` (0-based); returns the (PEFT) model to train.
+
+    Exactly the parameters of this stage's adapter require grad afterwards.
+    """
+    _check_mode(mode)
     num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if not isinstance(model, PeftModel):
+    name = _stage_name(mode, stage)
+    if not isinstance(model, PeftModel):  # first stage, or the base just merged under `merge`
         _check_targets(model, cfg)
-        name = "default" if mode == "continue" else "stage1"
         return get_peft_model(model, peft_config(cfg, num_layers), adapter_name=name)
     if mode == "continue":
         return model
-    # new / stack: add this stage's adapter, keep all active, train only the new one.
-    earlier = adapter_names(model)
-    name = f"stage{stage + 1}"
+    earlier = [n for n in adapter_names(model) if n != MERGED]
     model.add_adapter(name, peft_config(cfg, num_layers))
-    model.base_model.set_adapter(earlier + [name])
-    model.base_model.set_requires_grad(earlier, requires_grad=False)
+    # new / stack: every adapter active, only the new one trains.
+    # merge_final: only the new adapter is active, so it learns from the base model alone.
+    active = earlier + [name] if mode in ("new", "stack") else [name]
+    model.base_model.set_adapter(active)
+    if MERGED in model.peft_config:  # rebuilt from all stages in finish_stage
+        model.delete_adapter(MERGED)
+    if earlier:
+        model.base_model.set_requires_grad(earlier, requires_grad=False)
     model.base_model.set_requires_grad(name, requires_grad=True)
     return model
 
 
+def _save_adapter(model, name: str, out: Path) -> Path:
+    """Save adapter ``name`` as "the" adapter of ``out``, replacing what was there."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, selected_adapters=[name])
+        # PEFT writes a non-default adapter under a sub-folder named after it; lift it up so
+        # plain `PeftModel.from_pretrained(base, out)` finds it.
+        nested = tmp / name
+        if name != "default" and nested.is_dir():
+            for f in nested.iterdir():
+                f.replace(tmp / f.name)
+            nested.rmdir()
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def save_stage(model, mode: str, stage: int, run_dir: Path) -> Path:
-    """Save the adapter trained in ``stage`` in PEFT format; returns its directory."""
-    name = "default" if mode == "continue" else f"stage{stage + 1}"
-    out = Path(run_dir) / "adapters" / f"stage{stage + 1}"
-    out.mkdir(parents=True, exist_ok=True)
-    # PEFT writes a non-default adapter under a sub-folder named after it; save it as
-    # "the" adapter of its own folder so plain `PeftModel.from_pretrained(base, out)` works.
-    model.save_pretrained(out, selected_adapters=[name])
-    nested = out / name
-    if nested.is_dir():
-        for f in nested.iterdir():
-            f.replace(out / f.name)
-        nested.rmdir()
+    """Save the adapter trained in ``stage`` in PEFT format under ``adapters/stage<k>``; returns its directory."""
+    return _save_adapter(model, _stage_name(mode, stage), Path(run_dir) / "adapters" / f"stage{stage + 1}")
+
+
+def combine(model, names: list[str], cfg: MergeConfig, seed: int = 0) -> str:
+    """Combine adapters ``names`` into one adapter ``merged`` with ``cfg.method``; make it the only active one.
+
+    With one adapter PEFT always combines linearly: A' = √(w s) A, B' = √(w s) B with the new
+    scaling 1, so B'A' = w s B A (exact up to the rounding of the square root). ``cat`` is exact
+    for any number: it stacks w_j s_j A_j and B_j along the rank (rank Σ r_j). ``svd`` is the best
+    rank-r approximation of Σ_j w_j s_j B_j A_j. PEFT's ``linear``, ``ties`` and ``dare_ties``
+    combine the A and B factors separately, so with several adapters the product also holds
+    cross terms B_i A_j.
+    """
+    weights = list(cfg.weights[: len(names)]) if cfg.weights else [1.0] * len(names)
+    if len(weights) != len(names):
+        raise ContinualFTError(f"merge.weights has {len(cfg.weights)} values for {len(names)} adapters")
+    if MERGED in model.peft_config:
+        model.delete_adapter(MERGED)  # add_weighted_adapter silently keeps an existing name
+    density = cfg.density if cfg.method in ("ties", "dare_ties") else None
+    with torch.random.fork_rng():  # DARE drops at random: seed it, without disturbing training's RNG
+        torch.manual_seed(seed)
+        model.add_weighted_adapter(names, weights, MERGED, combination_type=cfg.method, density=density)
+    model.base_model.set_adapter(MERGED, inference_mode=True)
+    return MERGED
+
+
+def finish_stage(model, mode: str, stage: int, run_dir: Path, merge_cfg: MergeConfig, seed: int = 0) -> StageOutput:
+    """Save stage ``stage``'s adapter and turn the trained model into the one to evaluate.
+
+    ``continue``/``new``/``stack``: the model as trained. ``merge``: the adapter merged into the base
+    (a plain transformers model). ``merge_final``: the adapters of stages 1..k combined into ``merged``,
+    also saved under ``adapters/merged``.
+    """
+    _check_mode(mode)
+    run_dir = Path(run_dir)
+    adapter_dir = save_stage(model, mode, stage, run_dir)
+    if mode == "continue":
+        return StageOutput(model, adapter_dir, serving_dirs=[adapter_dir])
+    if mode in ("new", "stack"):
+        stages = [run_dir / "adapters" / f"stage{j + 1}" for j in range(stage + 1)]
+        return StageOutput(model, adapter_dir, serving_dirs=stages)
+    if mode == "merge":
+        return StageOutput(model.merge_and_unload(), adapter_dir)
+    names = [f"stage{j + 1}" for j in range(stage + 1)]
+    combine(model, names, merge_cfg, seed=seed + stage)
+    merged_dir = _save_adapter(model, MERGED, run_dir / "adapters" / MERGED)
+    return StageOutput(model, adapter_dir, merged_dir=merged_dir, serving_dirs=[merged_dir])
+
+
+def finish_run(model, mode: str, run_dir: Path, tokenizer=None) -> Path | None:
+    """After the last stage: under ``merge``, save the merged model (and tokenizer) as a plain
+    transformers checkpoint in ``merged/``; returns that directory, or None for other modes."""
+    if mode != "merge":
+        return None
+    out = Path(run_dir) / "merged"
+    tmp = Path(tempfile.mkdtemp(prefix=".merged.", dir=run_dir))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -102,3 +248,8 @@ def trainable_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def dir_bytes(path: Path) -> int:
+    """Size on disk of the files under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -1,8 +1,11 @@
 """The command line: a thin shell over :func:`continual_ft.runner.run`.
 
     python cli.py run scenario=legal_then_medical strategy=naive train.lr=2e-4
+    python cli.py run adapter=merge_final method=ties    # method=... is short for merge.method=...
     python cli.py list
     python cli.py plot runs/legal_then_medical-naive-continue
+    python cli.py compare scenario=legal_then_medical strategy=naive,replay adapter=stack,merge
+    python cli.py compare runs/a runs/b
 
 Bad input prints one line (``error: ...``) and exits with status 2, never a traceback.
 """
@@ -43,10 +46,27 @@ def run(overrides, quiet):
     click.echo(report(results))
 
 
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--out", type=click.Path(file_okay=False), help="report folder (default <output_dir>/compare)")
+@click.option("--quiet", is_flag=True, help="no progress bars or per-stage log lines while training")
+def compare(args, out, quiet):
+    """Compare runs: a grid of key=value settings (a,b,... spans values) or existing run directories."""
+    import shlex
+
+    from continual_ft.compare import compare as compare_runs
+
+    command = "python cli.py compare " + shlex.join(args) + (f" --out {shlex.quote(out)}" if out else "")
+    result = compare_runs(list(args), out=out, progress=not quiet, command=command, log=click.echo)
+    click.echo(result.table)
+    for path in result.files:
+        click.echo(path)
+
+
 @cli.command(name="list")
 def list_():
     """Show the built-in scenarios, strategies, adapter modes and models."""
-    from continual_ft.adapters import ADAPTER_MODES
+    from continual_ft.adapters import ADAPTER_MODES, MERGE_METHODS
     from continual_ft.models import MODELS
     from continual_ft.scenario import list_scenarios
     from continual_ft.strategies import STRATEGIES
@@ -59,6 +79,7 @@ def list_():
     section("scenarios:", list_scenarios())
     section("strategies:", {n: (cls.__doc__ or "").strip().splitlines()[0] for n, (cls, _) in STRATEGIES.items()})
     section("adapters:", ADAPTER_MODES)
+    section("merge methods (adapter=merge_final method=...):", MERGE_METHODS)
     section("models:", {**MODELS, "<dir or org/name>": "any causal LM that transformers loads"})
 
 

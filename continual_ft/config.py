@@ -16,11 +16,34 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from continual_ft.errors import ContinualFTError
 
-__all__ = ["TrainConfig", "LoraConfig", "EvalConfig", "DataConfig", "RunConfig", "make_config", "config_keys"]
+__all__ = [
+    "TrainConfig",
+    "LoraConfig",
+    "EvalConfig",
+    "DataConfig",
+    "MergeConfig",
+    "RunConfig",
+    "make_config",
+    "config_keys",
+    "MERGE_METHODS",
+    "SHORTHANDS",
+]
 
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
 QUANTIZE = ("none", "nf4")
+
+#: ``adapter=merge_final`` combination methods: PEFT ``add_weighted_adapter`` combination types.
+MERGE_METHODS = {
+    "cat": "exact sum Σ w_k ΔW_k: concatenates the adapters along the rank (rank = Σ r_k)",
+    "svd": "the sum Σ w_k ΔW_k truncated to rank r by SVD (size of one adapter)",
+    "linear": "weighted sum of the A and B factors separately (cheap; with several adapters adds cross terms)",
+    "ties": "TIES (Yadav et al. 2023) on the A and B factors: trim to `density`, elect signs, merge",
+    "dare_ties": "DARE (Yu et al. 2023) random drop to `density` and rescale, then TIES sign election",
+}
+
+#: Bare command-line keys that stand for a dotted one.
+SHORTHANDS = {"method": "merge.method"}
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -117,6 +140,28 @@ class DataConfig:
 
 
 @dataclass
+class MergeConfig:
+    # Default `cat`: with independently trained adapters it is plain task arithmetic, exact and
+    # deterministic, so R measures interference between the stages' updates and nothing else.
+    # PEFT's linear/ties/dare_ties act on A and B separately (peft/tuners/lora/model.py,
+    # `_generalized_task_arithmetic_weighted_adapter`), which mixes A_i with B_j across stages.
+    method: str = _help(
+        f"how adapter=merge_final combines the stage adapters: {', '.join(MERGE_METHODS)} (shorthand: method=...)",
+        "cat",
+    )
+    weights: List[float] = _help("weight of each stage's adapter, one per stage; empty = 1.0 each", factory=list)
+    density: float = _help("fraction of values kept by ties / dare_ties, in (0, 1]", 0.5)
+
+    def __post_init__(self):
+        _require(
+            self.method in MERGE_METHODS,
+            f"merge.method must be one of {', '.join(MERGE_METHODS)}, got {self.method!r}",
+        )
+        _require(0 < self.density <= 1, f"merge.density must be in (0, 1], got {self.density}")
+        _require(all(w == w for w in self.weights), "merge.weights must be numbers, got NaN")
+
+
+@dataclass
 class RunConfig:
     scenario: str = _help("built-in scenario name or path to a scenario YAML", "legal_then_medical")
     strategy: str = _help("anti-forgetting strategy; combine with '+', e.g. replay+ewc", "naive")
@@ -133,6 +178,7 @@ class RunConfig:
     lora: LoraConfig = _help("LoRA hyperparameters", factory=LoraConfig)
     eval: EvalConfig = _help("evaluation settings", factory=EvalConfig)
     data: DataConfig = _help("data sizes and prompt formatting", factory=DataConfig)
+    merge: MergeConfig = _help("how adapter=merge_final combines the stage adapters", factory=MergeConfig)
     strategy_args: Dict[str, Any] = _help("per-strategy settings, e.g. replay.buffer_size=200", factory=dict)
 
     def __post_init__(self):
@@ -147,7 +193,8 @@ class RunConfig:
         from pathlib import Path
 
         scenario = Path(self.scenario).stem
-        return f"{scenario}-{self.strategy}-{self.adapter}" + ("-quick" if self.quick else "")
+        adapter = f"{self.adapter}-{self.merge.method}" if self.adapter == "merge_final" else self.adapter
+        return f"{scenario}-{self.strategy}-{adapter}" + ("-quick" if self.quick else "")
 
 
 def config_keys(cls=RunConfig, prefix: str = "") -> list[str]:
@@ -171,10 +218,16 @@ def make_config(overrides: list[str] | dict | None = None, strategy_names: tuple
     """Build a RunConfig from ``key=value`` strings (dotted keys allowed) or a nested dict.
 
     Keys that start with a strategy name (``replay.buffer_size=200``) go to ``strategy_args``,
-    where the strategy's own typed config checks them.
+    where the strategy's own typed config checks them. A bare key in ``SHORTHANDS`` stands for
+    its dotted key: ``method=ties`` is ``merge.method=ties``.
     """
     base = OmegaConf.structured(RunConfig)
     if isinstance(overrides, dict):
+        overrides = dict(overrides)
+        for short, full in SHORTHANDS.items():
+            if short in overrides:
+                section, key = full.split(".")
+                overrides[section] = {**overrides.get(section, {}), key: overrides.pop(short)}
         extra = OmegaConf.create(overrides)
     else:
         items = []
@@ -184,6 +237,7 @@ def make_config(overrides: list[str] | dict | None = None, strategy_names: tuple
             if "=" not in item:
                 raise ContinualFTError(f"expected key=value, got {item!r}")
             key, value = item.split("=", 1)
+            key = SHORTHANDS.get(key, key)
             head = key.split(".", 1)[0]
             if head in strategy_names:
                 key = f"strategy_args.{key}"

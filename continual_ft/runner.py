@@ -96,7 +96,12 @@ def run(config: RunConfig, progress: bool = True) -> Results:
         raise ContinualFTError(
             "quantize=nf4 loads a checkpoint in 4 bit; model=tiny is built in memory, use a directory"
         )
+    if config.quantize != "none" and config.adapter == "merge":
+        raise ContinualFTError("adapter=merge would requantize the 4-bit base after every stage; use merge_final")
     scenario = load_scenario(config.scenario, quick=config.quick, seed=config.seed, sizes=config.data.sizes())
+    n_weights = len(config.merge.weights)
+    if config.adapter == "merge_final" and n_weights and n_weights != len(scenario.stages):
+        raise ContinualFTError(f"merge.weights has {n_weights} values; the scenario has {len(scenario.stages)} stages")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(config.precision, device)
     torch.manual_seed(config.seed)
@@ -125,6 +130,7 @@ def run(config: RunConfig, progress: bool = True) -> Results:
         "scenario": scenario.name,
         "strategy": config.strategy,
         "adapter": config.adapter,
+        "merge": to_dict(config)["merge"] if config.adapter == "merge_final" else None,
         "model": config.model,
         "precision": precision,
         "device": str(device),
@@ -223,37 +229,50 @@ def run(config: RunConfig, progress: bool = True) -> Results:
         )
         for s in strategies:
             s.after_stage(model, stage)
-        adapter_dir = adapters.save_stage(model, config.adapter, i, run_dir)
+        trainable, total = adapters.trainable_parameters(model)
+        out = adapters.finish_stage(model, config.adapter, i, run_dir, config.merge, seed=config.seed)
+        model = out.model
         state = {s.name: s.state_dict() for s in strategies}
         if any(state.values()):
-            torch.save(state, run_dir / "adapters" / f"stage{i + 1}" / "strategy_state.pt")
-        trainable, total = adapters.trainable_parameters(model)
-        data["stage_stats"].append(
-            {
-                "stage": stage_def.name,
-                "examples": len(examples),
-                "steps": st.steps,
-                "tokens": st.tokens,
-                "train_seconds": st.seconds,
-                "tokens_per_s": st.tokens_per_s,
-                "train_loss": st.train_loss,
-                "val_losses": st.val_losses,
-                "best_val_loss": st.best_val_loss,
-                "stopped_early": st.stopped_early,
-                "trainable_params": trainable,
-                "total_params": total,
-                "adapter_dir": str(adapter_dir.relative_to(run_dir)),
-                "adapter_bytes": sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()),
-            }
-        )
+            torch.save(state, out.adapter_dir / "strategy_state.pt")
+        stats = {
+            "stage": stage_def.name,
+            "examples": len(examples),
+            "steps": st.steps,
+            "tokens": st.tokens,
+            "train_seconds": st.seconds,
+            "tokens_per_s": st.tokens_per_s,
+            "train_loss": st.train_loss,
+            "val_losses": st.val_losses,
+            "best_val_loss": st.best_val_loss,
+            "stopped_early": st.stopped_early,
+            "trainable_params": trainable,
+            "total_params": total,
+            "adapter_dir": str(out.adapter_dir.relative_to(run_dir)),
+            "adapter_bytes": adapters.dir_bytes(out.adapter_dir),
+            # What the evaluated model adds to its base: all stacked adapters, the combined
+            # one (merge_final), or nothing once merged into the weights (merge).
+            "serving_adapter_bytes": sum(adapters.dir_bytes(d) for d in out.serving_dirs),
+        }
+        if out.merged_dir is not None:
+            stats["merged_adapter_dir"] = str(out.merged_dir.relative_to(run_dir))
+            stats["merged_adapter_bytes"] = adapters.dir_bytes(out.merged_dir)
         _log(
             progress,
             f"[stage {i + 1}] {st.steps} steps, {st.tokens} tokens in {st.seconds:.0f}s "
             f"({st.tokens_per_s:.0f} tok/s), train loss {st.train_loss:.3f}",
         )
         evaluate_all(f"after {stage_def.name}")
+        latency = data["eval"][-1]
+        stats["eval_seconds"] = latency["seconds"]
+        stats["eval_seconds_per_example"] = latency["seconds_per_example"]
+        stats["eval_tokens_per_s"] = latency["tokens_per_s"]
+        data["stage_stats"].append(stats)
         save(False)
 
+    merged = adapters.finish_run(model, config.adapter, run_dir, tokenizer)
+    if merged is not None:
+        data["merged_model_dir"] = str(merged.relative_to(run_dir))
     for m in METRICS:
         data["metrics"][m] = metrics.summary(data["R"][m], first)
     save(True)

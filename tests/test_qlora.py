@@ -17,8 +17,16 @@ def test_nf4_run_trains_adapters_on_a_4bit_base(tmp_path):
     model.save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
     scenario = write_toy_scenario(tmp_path / "data", train=8, test=4)
-    config = make_config([f"scenario={scenario}", f"model={tmp_path / 'tiny'}", "quantize=nf4", "train.max_steps=2",
-                          "train.batch_size=4", f"output_dir={tmp_path / 'runs'}"])
+    config = make_config(
+        [
+            f"scenario={scenario}",
+            f"model={tmp_path / 'tiny'}",
+            "quantize=nf4",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            f"output_dir={tmp_path / 'runs'}",
+        ]
+    )
     results = run(config, progress=False)
     assert results.data["complete"]
     assert json.loads((results.run_dir / "adapters" / "stage1" / "adapter_config.json").read_text())["r"] == 8

@@ -1,0 +1,274 @@
+"""``compare``: run a grid of configurations, or read finished runs, and put them side by side.
+
+    python cli.py compare scenario=legal_then_medical strategy=naive,replay adapter=stack,merge
+    python cli.py compare runs/a runs/b --out runs/compare
+
+Comma-separated values in any key span the cartesian product of runs (commas inside ``[...]``
+stay part of a list value); the other ``key=value`` settings apply to every run. A grid point
+whose resolved config matches a finished run under ``output_dir`` (``complete: true`` in its
+results.json, same config.yaml apart from ``name``, ``output_dir`` and ``resolved``) is reused,
+not trained again. The output folder gets ``report.md`` (one table, primary metric),
+``heatmaps.png`` (every run's forgetting matrix) and ``acc_bwt.png``, each written atomically.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from continual_ft.config import SHORTHANDS, RunConfig, make_config, to_dict
+from continual_ft.errors import ContinualFTError
+from continual_ft.plots import acc_bwt_bars, heatmap_grid
+from continual_ft.results import atomic_write, load_results
+
+__all__ = ["Entry", "Comparison", "split_values", "grid_configs", "find_finished", "compare", "format_table"]
+
+#: Config keys that never make two runs different.
+IGNORED_KEYS = ("name", "output_dir", "resolved")
+#: Keys the default run name already spells out (scenario-strategy-adapter).
+NAMED_KEYS = ("scenario", "strategy", "adapter")
+
+
+@dataclass
+class Entry:
+    """One row of the comparison."""
+
+    name: str
+    run_dir: Path
+    results: dict
+    source: str  # "trained", "reused" or "given"
+
+
+@dataclass
+class Comparison:
+    entries: list[Entry]
+    out: Path
+    table: str
+    files: list[Path] = field(default_factory=list)
+
+
+def split_values(value: str) -> list[str]:
+    """``"naive,replay"`` → two values; commas inside brackets or quotes stay (``[q_proj,v_proj]``)."""
+    parts, depth, quote, current = [], 0, None, ""
+    for ch in value:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += ch
+    parts.append(current)
+    return parts
+
+
+def _label(key: str, value: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", f"{key.rsplit('.', 1)[-1]}{value}")
+
+
+def grid_configs(overrides: list[str], strategy_names: tuple[str, ...] = ()) -> list[RunConfig]:
+    """Every grid point's RunConfig, each with a distinct run name; all checked before any runs."""
+    from continual_ft.adapters import ADAPTER_MODES
+    from continual_ft.strategies import build
+
+    axes: list[tuple[str, list[str]]] = []
+    for item in overrides:
+        if item == "quick":
+            item = "quick=true"
+        if "=" not in item:
+            raise ContinualFTError(f"expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        axes.append((SHORTHANDS.get(key, key), split_values(value)))
+    varied = {k for k, values in axes if len(values) > 1}
+    configs = []
+    for point in itertools.product(*(values for _, values in axes)):
+        items = [f"{k}={v}" for (k, _), v in zip(axes, point)]
+        config = make_config(items, strategy_names)
+        build(config.strategy, config.strategy_args)  # unknown strategy or setting: fail before any run
+        if config.adapter not in ADAPTER_MODES:
+            raise ContinualFTError(f"unknown adapter {config.adapter!r}; choose from {', '.join(ADAPTER_MODES)}")
+        named = () if config.name else NAMED_KEYS + (("merge.method",) if config.adapter == "merge_final" else ())
+        suffix = [_label(k, v) for (k, _), v in zip(axes, point) if k in varied and k not in named]
+        config.name = "-".join([config.run_name(), *suffix])
+        configs.append(config)
+    names = [c.name for c in configs]
+    if len(set(names)) < len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ContinualFTError(f"two grid points resolve to the same run {dup!r}; drop the repeated value")
+    return configs
+
+
+def _comparable(config: dict) -> dict:
+    # A YAML round trip makes a fresh config look exactly like one read back from config.yaml.
+    return {k: v for k, v in yaml.safe_load(yaml.safe_dump(config)).items() if k not in IGNORED_KEYS}
+
+
+def find_finished(config: RunConfig) -> Path | None:
+    """A finished run under ``config.output_dir`` with the same resolved config, or None."""
+    parent = Path(config.output_dir)
+    if not parent.is_dir():
+        return None
+    want = _comparable(to_dict(config))
+    for run_dir in sorted(p for p in parent.iterdir() if (p / "results.json").is_file()):
+        try:
+            done = load_results(run_dir).get("complete") is True
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        except (ContinualFTError, OSError, yaml.YAMLError):
+            continue
+        if done and isinstance(saved, dict) and _comparable(saved) == want:
+            return run_dir
+    return None
+
+
+def _mb(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:.2f}"
+
+
+def _row(entry: Entry) -> list[str]:
+    d = entry.results
+    m = d.get("metrics", {}).get(d["primary_metric"], {})
+    pct = [("—" if m.get(k) is None else f"{100 * m[k]:.1f}") for k in ("acc", "bwt", "fwt", "forgetting")]
+    stats = d.get("stage_stats", [])
+    train = sum(s.get("train_seconds", 0.0) for s in stats)
+    latency = d["eval"][-1]["seconds_per_example"] * 1000 if d.get("eval") else None
+    if d.get("adapter") == "merge":
+        size = "0 (merged)"
+    elif stats and "serving_adapter_bytes" in stats[-1]:
+        size = _mb(stats[-1]["serving_adapter_bytes"])
+    elif stats:  # results from before serving sizes were recorded
+        stacked = d.get("adapter") in ("new", "stack")
+        size = _mb(sum(s["adapter_bytes"] for s in stats) if stacked else stats[-1]["adapter_bytes"])
+    else:
+        size = "—"
+    return [
+        entry.name + ("" if d.get("complete") else " (incomplete)"),
+        *pct,
+        f"{train:.1f}",
+        "—" if latency is None else f"{latency:.2f}",
+        size,
+    ]
+
+
+HEADER = [
+    "run",
+    "ACC (%)",
+    "BWT (%)",
+    "FWT (%)",
+    "forgetting (%)",
+    "train time (s)",
+    "eval latency (ms/example)",
+    "adapter size (MB)",
+]
+
+
+def format_table(entries: list[Entry]) -> str:
+    """The comparison as a markdown table, one row per run."""
+    rows = [HEADER] + [_row(e) for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+
+    def line(cells: list[str]) -> str:  # run names left-aligned, numbers right-aligned
+        return (
+            "| "
+            + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            + " |"
+        )
+
+    rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
+
+
+def write_report(entries: list[Entry], out: Path, command: str) -> list[Path]:
+    """``report.md``, ``heatmaps.png`` and ``acc_bwt.png`` in ``out``; returns the files."""
+    out = Path(out)
+    table = format_table(entries)
+    runs = {e.name: e.results for e in entries}
+    figures = [heatmap_grid(runs, out / "heatmaps.png"), acc_bwt_bars(runs, out / "acc_bwt.png")]
+    text = "\n".join(
+        [
+            "# continual-ft comparison",
+            "",
+            "```",
+            command,
+            "```",
+            "",
+            table,
+            "",
+            "ACC, BWT, FWT and forgetting on each run's primary metric (see `continual_ft/metrics.py`). "
+            "Train time: all stages. Eval latency: milliseconds per test example (all tasks) after the last stage. "
+            "Adapter size: adapter weights the final model adds to its base (all stacked adapters; "
+            "the combined one for merge_final; none for merge, whose adapters are in the weights).",
+            "",
+            "| run | directory | |",
+            "|---|---|---|",
+            *(f"| {e.name} | `{e.run_dir}` | {e.source} |" for e in entries),
+            "",
+            "![forgetting matrices](heatmaps.png)",
+            "",
+            "![ACC and BWT](acc_bwt.png)",
+            "",
+        ]
+    )
+    atomic_write(out / "report.md", text)
+    return [out / "report.md", *figures]
+
+
+def _unique_names(dirs: list[Path]) -> list[str]:
+    names = [d.name for d in dirs]
+    return [d.name if names.count(d.name) == 1 else str(d) for d in dirs]
+
+
+def compare(
+    args: list[str],
+    out: Path | None = None,
+    progress: bool = True,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Comparison:
+    """Run (or reuse) the grid that ``key=value`` ``args`` span, or read the run directories ``args`` name;
+    write the report to ``out`` (default ``<output_dir>/compare``)."""
+    from continual_ft.runner import run
+    from continual_ft.strategies import STRATEGIES
+
+    overrides = [a for a in args if "=" in a or a == "quick"]
+    dirs = [Path(a) for a in args if a not in overrides]
+    for d in dirs:
+        if not d.is_dir():
+            raise ContinualFTError(f"{d}: neither key=value nor a run directory")
+        if not (d / "results.json").is_file():
+            raise ContinualFTError(f"{d}: no results.json (is this a run directory?)")
+    if dirs and overrides:
+        raise ContinualFTError("give either key=value settings (a grid to run) or run directories, not both")
+    if not args:
+        raise ContinualFTError("compare needs key=value settings (a grid to run) or run directories")
+    command = command or "compare " + shlex.join(args)
+
+    entries = []
+    if dirs:
+        entries = [Entry(n, d, load_results(d), "given") for n, d in zip(_unique_names(dirs), dirs)]
+        out = Path(out) if out else Path(RunConfig().output_dir) / "compare"
+    else:
+        configs = grid_configs(overrides, tuple(STRATEGIES))
+        for config in configs:
+            found = find_finished(config)
+            if found is not None:
+                log(f"reused {found}")
+                entries.append(Entry(config.name, found, load_results(found), "reused"))
+            else:
+                results = run(config, progress=progress)
+                log(f"trained {results.run_dir}")
+                entries.append(Entry(config.name, results.run_dir, results.data, "trained"))
+        out = Path(out) if out else Path(configs[0].output_dir) / "compare"
+    files = write_report(entries, out, command)
+    return Comparison(entries, out, format_table(entries), files)

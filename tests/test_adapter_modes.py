@@ -1,0 +1,220 @@
+"""Adapter modes across stages (stack, merge, merge_final) on a tiny model: effects, formulas, saved files."""
+
+import pytest
+import torch
+from conftest import make_examples
+from peft import PeftModel
+from toy import write_toy_scenario
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from continual_ft import adapters
+from continual_ft.adapters import MERGE_METHODS, finish_stage, start_stage
+from continual_ft.batching import Encoder
+from continual_ft.config import LoraConfig, MergeConfig, TrainConfig, make_config
+from continual_ft.errors import ContinualFTError
+from continual_ft.models import load_model
+from continual_ft.runner import run
+from continual_ft.strategies import STRATEGIES
+from continual_ft.trainer import train_stage
+
+IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _params(model, adapter):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if f".{adapter}." in n}
+
+
+def _perturb(model, seed=0):
+    """Stand-in for training: move what requires grad (LoRA B starts at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _logits(model, ids=IDS):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_stack_keeps_earlier_adapter_unchanged_while_the_next_trains():
+    model, tok = load_model("tiny", seed=0)
+    encoder = Encoder(tok, 64, chat_template=False)
+    cfg = TrainConfig(max_steps=3, batch_size=4, warmup_steps=0, lr=1e-2)
+    model = start_stage(model, "stack", 0, LoraConfig(r=4))
+    train_stage(model, encoder, make_examples("a", 12), [], cfg, progress=False)
+    stage1 = _params(model, "stage1")
+    assert any(p.abs().sum() > 0 for n, p in stage1.items() if "lora_B" in n)  # stage 1 trained
+    model = start_stage(model, "stack", 1, LoraConfig(r=4))
+    train_stage(model, encoder, make_examples("b", 12), [], cfg, progress=False)
+    assert all(torch.equal(stage1[n], p) for n, p in _params(model, "stage1").items())
+    assert any(p.abs().sum() > 0 for n, p in _params(model, "stage2").items() if "lora_B" in n)
+    assert model.base_model.active_adapters == ["stage1", "stage2"]
+
+
+def test_merge_folds_scaled_BA_into_the_base_weight(tmp_path):
+    r, alpha = 4, 8
+    model, _ = load_model("tiny", seed=0)
+    model = start_stage(model, "merge", 0, LoraConfig(r=r, alpha=alpha))
+    _perturb(model)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    W = q.base_layer.weight.detach().clone()
+    expected = W + (alpha / r) * q.lora_B["stage1"].weight @ q.lora_A["stage1"].weight
+    out = finish_stage(model, "merge", 0, tmp_path, MergeConfig())
+    assert not isinstance(out.model, PeftModel) and out.serving_dirs == []
+    merged = out.model.model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(merged, W)
+    torch.testing.assert_close(merged, expected, atol=1e-6, rtol=1e-6)
+    assert (tmp_path / "adapters" / "stage1" / "adapter_model.safetensors").exists()
+    # The next stage trains a fresh adapter on the merged model: it starts as a no-op.
+    before = _logits(out.model)
+    model = start_stage(out.model, "merge", 1, LoraConfig(r=r, alpha=alpha))
+    assert adapters.adapter_names(model) == ["stage2"]
+    torch.testing.assert_close(_logits(model), before)
+
+
+def test_merge_final_with_one_adapter_reproduces_it(tmp_path):
+    # With one adapter PEFT always combines linearly (cat too): A' = √(w s) A, B' = √(w s) B,
+    # scaling 1. With s = α/r = 4 and w = 1, √4 = 2 is a power of two, so B'A'x = 4 BAx bit for bit.
+    model, _ = load_model("tiny", seed=0)
+    model = start_stage(model, "merge_final", 0, LoraConfig(r=4, alpha=16))
+    _perturb(model)
+    expected = _logits(model)
+    out = finish_stage(model, "merge_final", 0, tmp_path, MergeConfig(method="cat", weights=[1.0]))
+    assert model.base_model.active_adapters == ["merged"]
+    assert torch.equal(_logits(out.model), expected)
+    assert out.merged_dir == tmp_path / "adapters" / "merged"
+
+
+def test_merge_final_trains_each_adapter_alone_and_cat_sums_them(tmp_path):
+    model, _ = load_model("tiny", seed=0)
+    model = start_stage(model, "merge_final", 0, LoraConfig(r=4))
+    _perturb(model, seed=1)
+    only_first = _logits(model)
+    model = finish_stage(model, "merge_final", 0, tmp_path, MergeConfig(method="cat")).model
+    model = start_stage(model, "merge_final", 1, LoraConfig(r=4))
+    assert model.base_model.active_adapters == ["stage2"] and "merged" not in model.peft_config
+    trainable = {n.split(".lora_")[1].split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"stage2"}
+    base_logits = _logits(load_model("tiny", seed=0)[0])
+    torch.testing.assert_close(_logits(model), base_logits)  # stage 2 starts from the base alone
+    _perturb(model, seed=2)
+    out = finish_stage(model, "merge_final", 1, tmp_path, MergeConfig(method="cat"))
+    combined = _logits(out.model)
+    model.base_model.set_adapter(["stage1", "stage2"])  # what stacking both computes: the sum of deltas
+    torch.testing.assert_close(combined, _logits(model), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(combined, only_first)
+
+
+@pytest.mark.parametrize("method", list(MERGE_METHODS))
+def test_every_merge_method_saves_an_adapter_plain_peft_loads(method, tmp_path):
+    model, _ = load_model("tiny", seed=0)
+    for k in range(2):
+        model = start_stage(model, "merge_final", k, LoraConfig(r=4))
+        _perturb(model, seed=k)
+        out = finish_stage(model, "merge_final", k, tmp_path, MergeConfig(method=method, weights=[1.0, 0.5]))
+        model = out.model
+    reloaded = PeftModel.from_pretrained(load_model("tiny", seed=0)[0], out.merged_dir)
+    torch.testing.assert_close(_logits(reloaded), _logits(model), atol=1e-5, rtol=1e-5)
+
+
+def _toy_run(tmp_path, adapter, *extra, monkeypatch=None):
+    scenario = write_toy_scenario(tmp_path / "data")
+    captured = {}
+    if monkeypatch is not None:  # keep the final in-memory model to compare with what was saved
+        finish_run = adapters.finish_run
+
+        def keep(model, *args, **kwargs):
+            captured["model"] = model
+            return finish_run(model, *args, **kwargs)
+
+        monkeypatch.setattr(adapters, "finish_run", keep)
+    config = make_config(
+        [
+            f"scenario={scenario}",
+            "model=tiny",
+            "precision=fp32",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "train.lr=1e-2",
+            f"output_dir={tmp_path / 'runs'}",
+            f"adapter={adapter}",
+            *extra,
+        ],
+        tuple(STRATEGIES),
+    )
+    return run(config, progress=False), captured.get("model")
+
+
+@pytest.mark.parametrize("adapter", ["stack", "merge", "merge_final"])
+def test_saved_results_load_with_plain_peft_and_transformers(adapter, tmp_path, monkeypatch):
+    results, final = _toy_run(tmp_path, adapter, "method=cat", monkeypatch=monkeypatch)
+    d, run_dir = results.data, results.run_dir
+    expected = _logits(final)
+    base = load_model("tiny", seed=0)[0]
+    if adapter == "stack":
+        model = PeftModel.from_pretrained(base, run_dir / "adapters" / "stage1", adapter_name="stage1")
+        model.load_adapter(run_dir / "adapters" / "stage2", adapter_name="stage2")
+        model.base_model.set_adapter(["stage1", "stage2"])
+    elif adapter == "merge":
+        model = AutoModelForCausalLM.from_pretrained(run_dir / "merged")
+        assert AutoTokenizer.from_pretrained(run_dir / "merged").pad_token == "<|pad|>"
+        assert d["merged_model_dir"] == "merged"
+        # The per-stage adapters rebuild it too: stage k applies on top of stages 1..k-1 merged.
+        rebuilt = base
+        for k in (1, 2):
+            rebuilt = PeftModel.from_pretrained(rebuilt, run_dir / "adapters" / f"stage{k}").merge_and_unload()
+        torch.testing.assert_close(_logits(rebuilt), expected, atol=1e-5, rtol=1e-5)
+    else:
+        model = PeftModel.from_pretrained(base, run_dir / "adapters" / "merged")
+        assert d["stage_stats"][-1]["merged_adapter_bytes"] > d["stage_stats"][-1]["adapter_bytes"]  # cat: rank 8
+    assert torch.equal(_logits(model), expected) or torch.allclose(_logits(model), expected, atol=1e-5)
+    for row in d["stage_stats"]:
+        assert row["eval_seconds_per_example"] > 0 and row["eval_tokens_per_s"] > 0 and row["adapter_bytes"] > 0
+    serving = [row["serving_adapter_bytes"] for row in d["stage_stats"]]
+    if adapter == "stack":  # inference carries every stage's adapter
+        assert serving[1] == serving[0] + d["stage_stats"][1]["adapter_bytes"]
+    elif adapter == "merge":
+        assert serving == [0, 0]
+
+
+@pytest.mark.parametrize("adapter", ["merge", "merge_final"])
+def test_strategy_hooks_run_under_merging_modes(adapter, tmp_path):
+    results, _ = _toy_run(tmp_path, adapter, "strategy=lwf+ewc+replay", "ewc.fisher_batches=1")
+    assert results.data["complete"] and len(results.data["stage_stats"]) == 2
+    assert (results.run_dir / "adapters" / "stage2" / "strategy_state.pt").exists()
+
+
+def test_method_is_shorthand_for_merge_method():
+    assert make_config(["method=ties"]).merge.method == "ties"
+    assert make_config({"method": "svd"}).merge.method == "svd"
+    assert make_config([]).merge.method == "cat"
+    with pytest.raises(ContinualFTError, match="merge.method must be one of cat, svd, linear, ties, dare_ties"):
+        make_config(["method=average"])
+    with pytest.raises(ContinualFTError, match=r"merge.density must be in \(0, 1\]"):
+        make_config(["merge.density=0"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["adapter=fold"], "unknown adapter 'fold'"),
+        (["adapter=merge", "strategy=olora"], "strategy=olora needs adapter=new or stack"),
+        (["adapter=merge_final", "merge.weights=[1.0]"], "merge.weights has 1 values; the scenario has 2 stages"),
+    ],
+)
+def test_bad_adapter_settings_fail_before_the_run_directory(extra, message, tmp_path):
+    with pytest.raises(ContinualFTError, match=message):
+        _toy_run(tmp_path, "stack", *extra)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_list_shows_every_adapter_mode_and_merge_method(capsys):
+    from continual_ft.cli import main
+
+    main(["list"])
+    out = capsys.readouterr().out
+    for name in [*adapters.ADAPTER_MODES, *MERGE_METHODS]:
+        assert f"  {name} " in out, name
