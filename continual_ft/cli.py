@@ -63,6 +63,12 @@ def compare(args, out, quiet):
         click.echo(path)
 
 
+def _summary(doc: str | None, width: int = 100) -> str:
+    """A docstring's first paragraph on one line, cut to ``width``."""
+    text = " ".join((doc or "").strip().split("\n\n")[0].split()).rstrip(":")
+    return text if len(text) <= width else text[: width - 1].rsplit(" ", 1)[0] + " …"
+
+
 @cli.command(name="list")
 def list_():
     """Show the built-in scenarios, strategies, adapter modes and models."""
@@ -77,7 +83,7 @@ def list_():
             click.echo(f"  {name:<22} {text}")
 
     section("scenarios:", list_scenarios())
-    section("strategies:", {n: (cls.__doc__ or "").strip().splitlines()[0] for n, (cls, _) in STRATEGIES.items()})
+    section("strategies:", {n: _summary(cls.__doc__) for n, (cls, _) in STRATEGIES.items()})
     section("adapters:", ADAPTER_MODES)
     section("merge methods (adapter=merge_final method=...):", MERGE_METHODS)
     section("models:", {**MODELS, "<dir or org/name>": "any causal LM that transformers loads"})
