@@ -141,7 +141,8 @@ def _row(entry: Entry) -> list[str]:
     m = d.get("metrics", {}).get(d["primary_metric"], {})
     pct = [("—" if m.get(k) is None else f"{100 * m[k]:.1f}") for k in ("acc", "bwt", "fwt", "forgetting")]
     stats = d.get("stage_stats", [])
-    train = sum(s.get("train_seconds", 0.0) for s in stats)
+    # Stage time = training steps + the strategy's own passes (EWC's Fisher, replay mixing).
+    train = sum(s.get("train_seconds", 0.0) + s.get("strategy_seconds", 0.0) for s in stats)
     latency = d["eval"][-1]["seconds_per_example"] * 1000 if d.get("eval") else None
     if d.get("adapter") == "merge":
         size = "0 (merged)"

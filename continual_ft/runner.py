@@ -203,12 +203,14 @@ def run(config: RunConfig, progress: bool = True) -> Results:
         own = [ex for t in stage_def.tasks for ex in scenario.tasks[t].train]
         validation = [ex for t in stage_def.tasks for ex in scenario.tasks[t].validation]
         stage = StageInfo(index=i, tasks=list(stage_def.tasks), examples=own, batches=batches, loss_fn=loss_fn)
+        hook_start = time.perf_counter()
         examples = own
         for s in strategies:
             examples = s.train_data(stage, examples)
         model = adapters.start_stage(model, config.adapter, i, config.lora)
         for s in strategies:
             s.before_stage(model, stage)
+        hook_seconds = time.perf_counter() - hook_start
         _log(
             progress,
             f"[stage {i + 1}/{len(scenario.stages)}] {stage_def.name}: {len(examples)} examples "
@@ -227,8 +229,10 @@ def run(config: RunConfig, progress: bool = True) -> Results:
             progress=progress,
             desc=f"stage {i + 1}",
         )
+        hook_start = time.perf_counter()
         for s in strategies:
-            s.after_stage(model, stage)
+            s.after_stage(model, stage)  # EWC's Fisher pass runs here: its cost belongs to the stage
+        hook_seconds += time.perf_counter() - hook_start
         trainable, total = adapters.trainable_parameters(model)
         out = adapters.finish_stage(model, config.adapter, i, run_dir, config.merge, seed=config.seed)
         model = out.model
@@ -241,6 +245,7 @@ def run(config: RunConfig, progress: bool = True) -> Results:
             "steps": st.steps,
             "tokens": st.tokens,
             "train_seconds": st.seconds,
+            "strategy_seconds": hook_seconds,  # train_data, adapter set-up, before/after_stage hooks
             "tokens_per_s": st.tokens_per_s,
             "train_loss": st.train_loss,
             "val_losses": st.val_losses,
