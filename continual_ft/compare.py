@@ -143,6 +143,7 @@ def _row(entry: Entry) -> list[str]:
     stats = d.get("stage_stats", [])
     # Stage time = training steps + the strategy's own passes (EWC's Fisher, replay mixing).
     train = sum(s.get("train_seconds", 0.0) + s.get("strategy_seconds", 0.0) for s in stats)
+    tokens = sum(s.get("tokens", 0) for s in stats)  # real training tokens: runs compare at equal tokens
     latency = d["eval"][-1]["seconds_per_example"] * 1000 if d.get("eval") else None
     if d.get("adapter") == "merge":
         size = "0 (merged)"
@@ -157,6 +158,7 @@ def _row(entry: Entry) -> list[str]:
         entry.name + ("" if d.get("complete") else " (incomplete)"),
         *pct,
         f"{train:.1f}",
+        f"{1000 * train / tokens:.2f}" if tokens else "—",
         "—" if latency is None else f"{latency:.2f}",
         size,
     ]
@@ -169,6 +171,7 @@ HEADER = [
     "FWT (%)",
     "forgetting (%)",
     "train time (s)",
+    "s / 1k train tokens",
     "eval latency (ms/example)",
     "adapter size (MB)",
 ]
@@ -207,7 +210,9 @@ def write_report(entries: list[Entry], out: Path, command: str) -> list[Path]:
             table,
             "",
             "ACC, BWT, FWT and forgetting on each run's primary metric (see `continual_ft/metrics.py`). "
-            "Train time: all stages. Eval latency: milliseconds per test example (all tasks) after the last stage. "
+            "Train time: all stages, training steps plus the strategy's own passes (EWC's Fisher); "
+            "s / 1k train tokens puts strategies that train on more data (replay, joint) on equal terms. "
+            "Eval latency: milliseconds per test example (all tasks) after the last stage. "
             "Adapter size: adapter weights the final model adds to its base (all stacked adapters; "
             "the combined one for merge_final; none for merge, whose adapters are in the weights).",
             "",
