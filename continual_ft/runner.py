@@ -238,7 +238,9 @@ def run(config: RunConfig, progress: bool = True) -> Results:
         model = out.model
         state = {s.name: s.state_dict() for s in strategies}
         if any(state.values()):
-            torch.save(state, out.adapter_dir / "strategy_state.pt")
+            # Beside the adapters, not inside: EWC's Fisher and anchors are not part of what a model serves.
+            (run_dir / "strategy_state").mkdir(exist_ok=True)
+            torch.save(state, run_dir / "strategy_state" / f"stage{i + 1}.pt")
         stats = {
             "stage": stage_def.name,
             "examples": len(examples),

@@ -184,7 +184,7 @@ def test_saved_results_load_with_plain_peft_and_transformers(adapter, tmp_path, 
 def test_strategy_hooks_run_under_merging_modes(adapter, tmp_path):
     results, _ = _toy_run(tmp_path, adapter, "strategy=lwf+ewc+replay", "ewc.fisher_batches=1")
     assert results.data["complete"] and len(results.data["stage_stats"]) == 2
-    assert (results.run_dir / "adapters" / "stage2" / "strategy_state.pt").exists()
+    assert (results.run_dir / "strategy_state" / "stage2.pt").exists()
 
 
 def test_method_is_shorthand_for_merge_method():

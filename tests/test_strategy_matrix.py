@@ -91,7 +91,7 @@ def test_strategy_runs_and_trains_stage_two(name, scenario, tmp_path):
     assert any(not torch.equal(stage1[k], stage2[k]) for k in stage1)  # stage 2 moved the weights
     assert any(k for k in stage2 if "lora_B" in k and stage2[k].abs().sum() > 0)  # B starts at 0: it trained
 
-    saved = results.run_dir / "adapters" / "stage2" / "strategy_state.pt"
+    saved = results.run_dir / "strategy_state" / "stage2.pt"
     if saved.exists():  # what a resumed run would load restores the same state
         state = torch.load(saved, weights_only=True)
         for s in build(name, strategy_args(name)):
