@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,11 +153,24 @@ def start_stage(model, mode: str, stage: int, cfg: LoraConfig):
     return model
 
 
-def _save_adapter(model, name: str, out: Path) -> Path:
-    """Save adapter ``name`` as "the" adapter of ``out``, replacing what was there."""
+@contextmanager
+def _atomic_dir(out: Path):
+    """Yield a temporary sibling folder to write into; it replaces ``out`` only if writing succeeds."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save_adapter(model, name: str, out: Path) -> Path:
+    """Save adapter ``name`` as "the" adapter of ``out``, replacing what was there."""
+    with _atomic_dir(out) as tmp:
         model.save_pretrained(tmp, selected_adapters=[name])
         # PEFT writes a non-default adapter under a sub-folder named after it; lift it up so
         # plain `PeftModel.from_pretrained(base, out)` finds it.
@@ -165,12 +179,6 @@ def _save_adapter(model, name: str, out: Path) -> Path:
             for f in nested.iterdir():
                 f.replace(tmp / f.name)
             nested.rmdir()
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -231,15 +239,10 @@ def finish_run(model, mode: str, run_dir: Path, tokenizer=None) -> Path | None:
     if mode != "merge":
         return None
     out = Path(run_dir) / "merged"
-    tmp = Path(tempfile.mkdtemp(prefix=".merged.", dir=run_dir))
-    try:
+    with _atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
