@@ -6,7 +6,7 @@ the same number of optimizer steps with the same batch size and learning rate. E
 fresh subprocess, so one's memory peak, allocator state or compiled kernels never reach the other.
 
     python bench/throughput.py                                    # smollm2-135m, 96 legal examples, 12 steps
-    python bench/throughput.py --model tiny --examples 32 --steps 4 --json /tmp/bench.json
+    python bench/throughput.py --model tiny --examples 32 --steps 4 --json bench.json
 
 Throughput counts *real* tokens: the non-padding tokens of every batch trained on (attention-mask sum),
 so padding never counts as work done. Timing starts after the first ``--warmup-steps`` optimizer steps
