@@ -8,6 +8,7 @@ Explicit ``position_ids`` keep left padding exact for any positional scheme.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -93,6 +94,29 @@ def collate(items: Sequence[Encoded], pad_id: int) -> dict:
         "tasks": [e.task for e in items],
         "n_tokens": int(attention.sum()),
     }
+
+
+def spread_rows(n: int, fraction: float) -> torch.Tensor:
+    """Indices of ``ceil(fraction · n)`` of ``n`` rows, evenly spaced (first and last included)."""
+    k = max(1, math.ceil(fraction * n - 1e-9))
+    return torch.linspace(0, n - 1, k).round().long()
+
+
+def select_rows(batch: dict, rows: torch.Tensor) -> dict:
+    """The sub-batch of ``rows`` of a :func:`collate` batch, without the columns that are padding in all of them."""
+    if len(rows) == len(batch["tasks"]):
+        return batch
+    device = batch["input_ids"].device
+    idx = rows.to(device)
+    attention = batch["attention_mask"][idx]
+    start = int((attention.sum(0) > 0).int().argmax())  # left padding: the first column any row uses
+    start = min(start, attention.shape[1] - batch["logits_to_keep"])  # keep the answer window whole
+    sub = {k: batch[k][idx][:, start:] for k in ("input_ids", "attention_mask", "position_ids")}
+    sub["labels"] = batch["labels"][idx.to(batch["labels"].device)]
+    sub["logits_to_keep"] = batch["logits_to_keep"]
+    sub["tasks"] = [batch["tasks"][i] for i in rows.tolist()]
+    sub["n_tokens"] = int(sub["attention_mask"].sum())
+    return sub
 
 
 def length_grouped_batches(

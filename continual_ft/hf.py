@@ -97,7 +97,9 @@ class ContinualTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def stage_info(index: int, examples: Sequence[Example], encoder: Encoder, batch_size: int = 8) -> StageInfo:
+def stage_info(
+    index: int, examples: Sequence[Example], encoder: Encoder, batch_size: int = 8, final: bool = False
+) -> StageInfo:
     """A :class:`StageInfo` for a stage trained outside our runner, with the runner's ``batches`` and ``loss_fn``.
 
     ``batches`` yields CPU tensors and ``loss_fn`` moves each batch to the model's device, since the
@@ -113,7 +115,7 @@ def stage_info(index: int, examples: Sequence[Example], encoder: Encoder, batch_
         return mean_token_loss(model, to_device(batch, next(model.parameters()).device))
 
     tasks = list(dict.fromkeys(e.task for e in examples))
-    return StageInfo(index=index, tasks=tasks, examples=list(examples), batches=batches, loss_fn=loss_fn)
+    return StageInfo(index=index, tasks=tasks, examples=list(examples), batches=batches, loss_fn=loss_fn, final=final)
 
 
 def train_stage_hf(

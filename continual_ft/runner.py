@@ -202,7 +202,14 @@ def run(config: RunConfig, progress: bool = True) -> Results:
     for i, stage_def in enumerate(scenario.stages):
         own = [ex for t in stage_def.tasks for ex in scenario.tasks[t].train]
         validation = [ex for t in stage_def.tasks for ex in scenario.tasks[t].validation]
-        stage = StageInfo(index=i, tasks=list(stage_def.tasks), examples=own, batches=batches, loss_fn=loss_fn)
+        stage = StageInfo(
+            index=i,
+            tasks=list(stage_def.tasks),
+            examples=own,
+            batches=batches,
+            loss_fn=loss_fn,
+            final=i == len(scenario.stages) - 1,
+        )
         hook_start = time.perf_counter()
         examples = own
         for s in strategies:

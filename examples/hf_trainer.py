@@ -65,7 +65,8 @@ def main(argv=None) -> list[list[float]]:
     with tempfile.TemporaryDirectory() as out:  # the Trainer wants an output_dir; we save nothing there
         for i, stage_def in enumerate(scenario.stages):
             own = [ex for t in stage_def.tasks for ex in scenario.tasks[t].train]
-            stage = stage_info(i, own, encoder, batch_size=args.batch_size)
+            final = i == len(scenario.stages) - 1  # EWC skips the Fisher no later stage would use
+            stage = stage_info(i, own, encoder, batch_size=args.batch_size, final=final)
             model = start_stage(model, "continue", i, LoraConfig(r=8, alpha=16))
             training_args = TrainingArguments(
                 output_dir=out,

@@ -69,7 +69,8 @@ def main(argv=None) -> list[list[float]]:
     evaluate("before training")
     for i, stage_def in enumerate(scenario.stages):
         own = [ex for t in stage_def.tasks for ex in scenario.tasks[t].train]
-        stage = StageInfo(index=i, tasks=list(stage_def.tasks), examples=own, batches=batches, loss_fn=mean_token_loss)
+        final = i == len(scenario.stages) - 1  # EWC skips the Fisher no later stage would use
+        stage = StageInfo(i, list(stage_def.tasks), own, batches=batches, loss_fn=mean_token_loss, final=final)
         examples = own
         for s in strategies:
             examples = s.train_data(stage, examples)

@@ -39,6 +39,7 @@ class StageInfo:
     examples: list[Example]  # this stage's own training examples (before any strategy adds to them)
     batches: Callable[[list[Example]], Iterable[dict]] = field(repr=False)  # examples -> tokenized batches
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] = field(repr=False)  # mean answer-token loss of a batch
+    final: bool = False  # no stage follows in this run: work only later stages use (EWC's Fisher) can be skipped
 
 
 class Strategy:

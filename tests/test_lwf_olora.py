@@ -1,12 +1,14 @@
 """LwF and O-LoRA: their penalties vanish where the method says they should and bite elsewhere."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import make_examples, make_stage
 from peft.tuners.lora import LoraLayer
 
 from continual_ft.adapters import start_stage
-from continual_ft.batching import token_loss
+from continual_ft.batching import model_inputs, select_rows, spread_rows, token_loss
 from continual_ft.config import LoraConfig, make_config
 from continual_ft.errors import ContinualFTError
 from continual_ft.runner import run
@@ -63,6 +65,42 @@ def test_lwf_scales_with_alpha(tiny_model_and_tokenizer):
     _perturb(model)
     outputs = token_loss(model, batch)[2]
     assert three.penalty(model, batch, outputs).item() == pytest.approx(3 * one.penalty(model, batch, outputs).item())
+
+
+def test_spread_rows_and_select_rows_keep_each_rows_logits(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    assert spread_rows(8, 0.5).tolist() == [0, 2, 5, 7]
+    assert spread_rows(8, 1.0).tolist() == list(range(8)) and spread_rows(3, 0.01).tolist() == [0]
+    short, long = make_examples("a", 2), make_examples("b", 2)
+    long = [dataclasses.replace(e, prompt="many more words " * 6 + e.prompt) for e in long]
+    batch = next(iter(make_stage(model, tokenizer, 1, short + long).batches(short + long)))  # sorted by length
+    rows = torch.tensor([0, 1])
+    sub = select_rows(batch, rows)
+    assert sub["tasks"] == ["a", "a"] and torch.equal(sub["labels"], batch["labels"][:2])
+    assert sub["input_ids"].shape[1] < batch["input_ids"].shape[1]  # the long rows' padding is gone
+    model.eval()
+    with torch.no_grad():
+        whole = model(**model_inputs(batch)).logits[:2]
+        part = model(**model_inputs(sub)).logits
+    torch.testing.assert_close(part, whole, rtol=1e-4, atol=1e-4)  # trimmed padding changes nothing
+
+
+def test_lwf_fraction_distils_on_that_share_of_the_batch(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    stage, batch = _stage_batch(model, tokenizer, 1)
+    half, whole = LwF(LwFConfig(fraction=0.5)), LwF(LwFConfig(fraction=1.0))
+    for lwf in (half, whole):
+        lwf.before_stage(model, stage)
+    _perturb(model)
+    seen = []
+    teacher = half.teacher_logits
+    half.teacher_logits = lambda m, b: seen.append(len(b["tasks"])) or teacher(m, b)
+    outputs = token_loss(model, batch)[2]
+    rows = spread_rows(len(batch["tasks"]), 0.5)
+    sub = select_rows(batch, rows)
+    expected = whole.penalty(model, sub, token_loss(model, sub)[2])  # the full-fraction KL over those rows alone
+    assert half.penalty(model, batch, outputs).item() == pytest.approx(expected.item(), rel=1e-4)
+    assert seen == [len(rows)] and 0 < len(rows) < len(batch["tasks"])
 
 
 def test_lwf_teacher_forward_leaves_parameters_unchanged(tiny_model_and_tokenizer):

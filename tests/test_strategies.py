@@ -1,5 +1,6 @@
 """Effects of each strategy on tiny inputs: what the buffer holds, what the penalty is, what gets sampled."""
 
+import dataclasses
 import io
 from collections import Counter
 
@@ -131,6 +132,17 @@ def test_ewc_penalty_zero_at_anchor_and_positive_after_perturbation(ewc_setup):
     expected = 10.0 / 2 * (ewc.anchors[0]["fisher"][name] * 0.1**2).sum()
     torch.testing.assert_close(penalty.detach(), expected, rtol=1e-4, atol=0)
     assert all(p.grad is None for p in model.parameters())  # the Fisher pass leaves no stray gradients
+
+
+def test_ewc_skips_the_fisher_after_the_runs_last_stage(ewc_setup):
+    model, _, stage = ewc_setup
+    ewc = EWC(EWCConfig(fisher_batches=2))
+    calls = []
+    ewc.fisher = lambda *a: calls.append(a) or EWC.fisher(ewc, *a)
+    ewc.after_stage(model, dataclasses.replace(stage, final=True))
+    assert calls == [] and ewc.anchors == []  # no later stage would be penalised with it
+    ewc.after_stage(model, stage)
+    assert len(calls) == 1 and len(ewc.anchors) == 1
 
 
 def test_ewc_fisher_only_trainable_non_negative_normalised(ewc_setup):
