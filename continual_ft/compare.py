@@ -179,8 +179,45 @@ HEADER = [
 
 def format_table(entries: list[Entry]) -> str:
     """The comparison as a markdown table, one row per run."""
-    rows = [HEADER] + [_row(e) for e in entries]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    return _markdown([HEADER] + [_row(e) for e in entries])
+
+
+def _stage_cost(stats: dict) -> float | None:
+    """Seconds per 1,000 real training tokens of one stage: its steps plus the strategy's own passes."""
+    tokens = stats.get("tokens", 0)
+    seconds = stats.get("train_seconds", 0.0) + stats.get("strategy_seconds", 0.0)
+    return 1000 * seconds / tokens if tokens else None
+
+
+def baseline_entry(entries: list[Entry]) -> Entry:
+    """The run others' stage times are divided by: the first ``naive`` run, else the first run."""
+    return next((e for e in entries if e.results.get("strategy") == "naive"), entries[0])
+
+
+def format_stage_table(entries: list[Entry]) -> str:
+    """Per-stage time at equal training tokens, and its ratio to :func:`baseline_entry`'s same stage."""
+    base = baseline_entry(entries)
+    base_costs = [_stage_cost(s) for s in base.results.get("stage_stats", [])]
+    n = max(len(e.results.get("stage_stats", [])) for e in entries)
+    header = ["run"]
+    header += [f"stage {k + 1} s / 1k tok" for k in range(n)]
+    header += [f"stage {k + 1} vs {base.name}" for k in range(n)]
+    header += ["strategy passes (s)"]
+    rows = [header]
+    for e in entries:
+        stats = e.results.get("stage_stats", [])
+        costs = [_stage_cost(s) for s in stats] + [None] * (n - len(stats))
+        ratios = [
+            "—" if c is None or k >= len(base_costs) or not base_costs[k] else f"{c / base_costs[k]:.2f}x"
+            for k, c in enumerate(costs)
+        ]
+        hooks = ", ".join(f"{s.get('strategy_seconds', 0.0):.0f}" for s in stats)
+        rows.append([e.name, *("—" if c is None else f"{c:.2f}" for c in costs), *ratios, hooks or "—"])
+    return _markdown(rows)
+
+
+def _markdown(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
 
     def line(cells: list[str]) -> str:  # run names left-aligned, numbers right-aligned
         return (
@@ -215,6 +252,12 @@ def write_report(entries: list[Entry], out: Path, command: str) -> list[Path]:
             "Eval latency: milliseconds per test example (all tasks) after the last stage. "
             "Adapter size: adapter weights the final model adds to its base (all stacked adapters; "
             "the combined one for merge_final; none for merge, whose adapters are in the weights).",
+            "",
+            "Time per stage at equal training tokens: seconds per 1,000 real training tokens (training steps "
+            "plus the strategy's own passes: EWC's Fisher, replay mixing, adapter set-up), and the ratio to "
+            "the same stage of the baseline run. Strategy passes: those passes alone, per stage.",
+            "",
+            format_stage_table(entries),
             "",
             "| run | directory | |",
             "|---|---|---|",

@@ -1,11 +1,13 @@
 """`compare`: a grid of tiny runs, reuse of finished runs, the report files, and bad input."""
 
+from pathlib import Path
+
 import pytest
 from toy import write_toy_scenario
 
 from continual_ft import runner
 from continual_ft.cli import main
-from continual_ft.compare import compare, grid_configs, split_values
+from continual_ft.compare import Entry, compare, format_stage_table, grid_configs, split_values
 from continual_ft.errors import ContinualFTError
 from continual_ft.strategies import STRATEGIES
 
@@ -35,6 +37,27 @@ def test_grid_runs_every_point_and_writes_the_report(grid):
     assert "| run " in report and "ACC (%)" in report and "eval latency (ms/example)" in report
     for png in ("heatmaps.png", "acc_bwt.png"):
         assert (result.out / png).stat().st_size > 1000
+
+
+def _entry(name, strategy, stages):
+    stats = [{"tokens": t, "train_seconds": s, "strategy_seconds": h} for t, s, h in stages]
+    return Entry(name, Path(name), {"strategy": strategy, "stage_stats": stats}, "given")
+
+
+def test_stage_table_divides_each_stage_by_the_naive_runs_same_stage():
+    entries = [
+        _entry("ewc", "ewc", [(2000, 8.0, 2.0), (1000, 4.0, 0.0)]),  # 5.00 and 4.00 s / 1k tokens
+        _entry("naive", "naive", [(2000, 8.0, 0.0), (1000, 5.0, 0.0)]),  # 4.00 and 5.00: the baseline
+        _entry("replay", "replay", [(2000, 8.0, 0.0)]),  # one stage only
+    ]
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in format_stage_table(entries).splitlines()
+    }
+    assert rows["run"][:4] == ["stage 1 s / 1k tok", "stage 2 s / 1k tok", "stage 1 vs naive", "stage 2 vs naive"]
+    assert rows["ewc"] == ["5.00", "4.00", "1.25x", "0.80x", "2, 0"]
+    assert rows["naive"] == ["4.00", "5.00", "1.00x", "1.00x", "0, 0"]
+    assert rows["replay"] == ["4.00", "—", "1.00x", "—", "0"]
 
 
 def test_second_compare_reuses_finished_runs(grid, monkeypatch):
