@@ -116,11 +116,16 @@ def _comparable(config: dict) -> dict:
 
 
 def find_finished(config: RunConfig) -> Path | None:
-    """A finished run under ``config.output_dir`` with the same resolved config, or None."""
+    """A finished run under ``config.output_dir`` with the same resolved config, or None.
+
+    Strategy settings are compared with their defaults filled in, so a run made before a default
+    changed is not taken for a run of the new default."""
+    from continual_ft.strategies import build, settings
+
     parent = Path(config.output_dir)
     if not parent.is_dir():
         return None
-    want = _comparable(to_dict(config))
+    want = _comparable({**to_dict(config), "strategy_settings": settings(build(config.strategy, config.strategy_args))})
     for run_dir in sorted(p for p in parent.iterdir() if (p / "results.json").is_file()):
         try:
             done = load_results(run_dir).get("complete") is True

@@ -83,6 +83,7 @@ def _log(progress: bool, msg: str) -> None:
 def run(config: RunConfig, progress: bool = True) -> Results:
     from continual_ft.errors import ContinualFTError
     from continual_ft.strategies import StageInfo, build
+    from continual_ft.strategies import settings as strategy_settings
 
     t_start = time.perf_counter()
     strategies = build(config.strategy, config.strategy_args)
@@ -121,6 +122,8 @@ def run(config: RunConfig, progress: bool = True) -> Results:
     run_dir = _unique_dir(Path(config.output_dir), config.run_name())
     run_dir.mkdir(parents=True)
     resolved = to_dict(config)
+    # Defaults included, so a finished run is not reused (compare) once a strategy's default changes.
+    resolved["strategy_settings"] = strategy_settings(strategies)
     resolved["resolved"] = {"precision": precision, "device": str(device), "scenario_file": scenario.source_file}
     write_yaml(run_dir / "config.yaml", resolved)
 

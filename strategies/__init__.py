@@ -6,7 +6,7 @@ come from it. ``build("replay+ewc", args)`` returns a list of strategy objects.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import asdict, fields, is_dataclass
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -33,6 +33,7 @@ __all__ = [
     "LwF",
     "OLoRA",
     "build",
+    "settings",
 ]
 
 STRATEGIES: dict[str, tuple[type[Strategy], type]] = {
@@ -44,6 +45,11 @@ STRATEGIES: dict[str, tuple[type[Strategy], type]] = {
     "task_balanced": (TaskBalanced, TaskBalancedConfig),
     "joint": (Joint, JointConfig),
 }
+
+
+def settings(strategies: list[Strategy]) -> dict:
+    """Every setting of each strategy, defaults included: what ``config.yaml`` records as ``strategy_settings``."""
+    return {s.name: asdict(s.config) for s in strategies if is_dataclass(getattr(s, "config", None))}
 
 
 def build(spec: str, args: dict | None = None) -> list[Strategy]:

@@ -3,11 +3,13 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from toy import write_toy_scenario
 
 from continual_ft import runner
 from continual_ft.cli import main
-from continual_ft.compare import Entry, compare, format_stage_table, grid_configs, split_values
+from continual_ft.compare import Entry, compare, find_finished, format_stage_table, grid_configs, split_values
+from continual_ft.config import make_config
 from continual_ft.errors import ContinualFTError
 from continual_ft.strategies import STRATEGIES
 
@@ -90,6 +92,23 @@ def test_changed_setting_is_not_reused(grid, monkeypatch):
     with pytest.raises(Trained):
         compare([*args[:-2], "strategy=naive", "adapter=stack", "seed=1"], progress=False, log=lambda _: None)
     assert len(calls) == 1 and calls[0].seed == 1
+
+
+def test_run_made_under_another_strategy_default_is_not_reused(grid):
+    tmp, args, first, _ = grid
+    replay_run = next(e.run_dir for e in first.entries if e.name == "toy-replay-stack")
+    config = make_config([*args[:-2], "strategy=replay", "adapter=stack"], tuple(STRATEGIES))
+    config.name = "toy-replay-stack"
+    assert find_finished(config) == replay_run
+    saved = yaml.safe_load((replay_run / "config.yaml").read_text())
+    assert saved["strategy_settings"]["replay"]["buffer_size"] == 200  # the default, written out
+    saved["strategy_settings"]["replay"]["buffer_size"] = 100  # as if made when the default was 100
+    (replay_run / "config.yaml").write_text(yaml.safe_dump(saved))
+    try:
+        assert find_finished(config) is None
+    finally:
+        saved["strategy_settings"]["replay"]["buffer_size"] = 200
+        (replay_run / "config.yaml").write_text(yaml.safe_dump(saved))
 
 
 def test_compare_run_directories_through_the_cli(grid, capsys):

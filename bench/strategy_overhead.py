@@ -1,0 +1,198 @@
+"""What each strategy adds to a stage's time, against naive, timed step by step on identical batches.
+
+A strategy costs time in two ways: per step (a penalty: EWC's quadratic term, LwF's teacher forward,
+O-LoRA's factor products) and once per stage (EWC's Fisher pass after a stage, LwF's snapshot before
+one, replay's mixing). Replay, joint and task_balanced change *which* examples a stage trains on, not
+what a step costs per token, so at equal training tokens they cost what naive costs.
+
+The script builds the state a second stage starts from (a first-stage adapter trained for a few
+steps; EWC's Fisher and anchors; LwF's teacher), then times one full training step (``backward_step``,
+gradient clipping, AdamW) of every variant on the *same* batch of the second stage's data, rotating
+the order from batch to batch, so drift in machine speed hits all variants alike. The once-per-stage
+hooks are timed separately. The projected time of a stage of n = ``--stage-steps`` steps that pays
+both the per-step and the once-per-stage cost (a middle stage: EWC's Fisher runs after every stage but
+the last, its penalty in every stage but the first), against naive:
+
+    overhead = (median_b t_step(variant, b) · n + t_once) / (median_b t_step(naive, b) · n)
+
+O-LoRA needs a new adapter per stage, so it is compared with naive under ``adapter=new`` (two LoRA
+modules per layer), not with the single continued adapter.
+
+    python bench/strategy_overhead.py                    # smollm2-135m, stage 2 of legal_then_medical
+    python bench/strategy_overhead.py --model tiny --batches 3 --json overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny, a local directory or a hub id")
+    p.add_argument("--scenario", default="legal_then_medical", help="a two-stage (or longer) scenario")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=12, help="timed batches of the second stage, per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches first (every variant runs them)")
+    p.add_argument("--stage-steps", type=int, default=75, help="steps of the stage the per-stage cost is spread over")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON to this file")
+    args = p.parse_args(argv)
+    if min(args.batch_size, args.batches, args.stage_steps) < 1 or args.warmup < 0:
+        p.error("--batch-size, --batches and --stage-steps must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    from continual_ft import adapters
+    from continual_ft.batching import Encoder, collate, length_grouped_batches, mean_token_loss, to_device
+    from continual_ft.config import DataConfig, LoraConfig, TrainConfig
+    from continual_ft.models import load_model
+    from continual_ft.scenario import load_scenario
+    from continual_ft.strategies import EWC, LwF, OLoRA, StageInfo
+    from continual_ft.strategies.lwf import LwFConfig
+    from continual_ft.trainer import autocast_for, backward_step, resolve_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision("auto", device)
+    autocast = autocast_for(precision, device)
+    train, data = TrainConfig(), DataConfig()
+    scenario = load_scenario(args.scenario, seed=args.seed)
+    if len(scenario.stages) < 2:
+        raise SystemExit(f"error: scenario {scenario.name} has one stage; the overhead is that of a second stage")
+    first, second = ([ex for t in s.tasks for ex in scenario.tasks[t].train] for s in scenario.stages[:2])
+
+    def fresh_model(mode: str):
+        torch.manual_seed(args.seed)
+        model, tokenizer = load_model(args.model, seed=args.seed)
+        model = model.to(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+        return adapters.start_stage(model, mode, 0, LoraConfig()), tokenizer
+
+    continued, tokenizer = fresh_model("continue")
+    stacked, _ = fresh_model("new")
+    encoder = Encoder(tokenizer, train.max_length, data.chat_template, data.system_prompt)
+
+    def batches(examples, rng=None):
+        encoded = [encoder.encode(e) for e in examples]
+        for items in length_grouped_batches(encoded, args.batch_size, rng):
+            yield to_device(collate(items, tokenizer.pad_token_id), device)
+
+    def loss_fn(model, batch):
+        with autocast():
+            return mean_token_loss(model, batch)
+
+    def stage(i: int, examples) -> StageInfo:
+        return StageInfo(i, list(scenario.stages[i].tasks), examples, batches=batches, loss_fn=loss_fn)
+
+    def optimizer(model):
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr)
+
+    def step(model, opt, batch, strategies) -> float:
+        start = time.perf_counter()
+        backward_step(model, [batch], strategies, autocast)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], train.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    # Stage 1 as a run leaves it: a trained adapter, then each strategy's end-of-stage work.
+    warm = list(batches(first, random.Random(args.seed)))[:4]
+    for model in (continued, stacked):
+        opt = optimizer(model)
+        for batch in warm:
+            step(model, opt, batch, [])
+    ewc = EWC()
+    once = {"ewc": timed(lambda: ewc.after_stage(continued, stage(0, first)))}  # the Fisher pass
+    stacked = adapters.start_stage(stacked, "new", 1, LoraConfig())
+    lwf, lwf_all, olora = LwF(), LwF(LwFConfig(fraction=1.0)), OLoRA()
+    once["lwf"] = timed(lambda: lwf.before_stage(continued, stage(1, second)))  # the teacher snapshot
+    once["lwf (fraction=1)"] = timed(lambda: lwf_all.before_stage(continued, stage(1, second)))
+    once["olora"] = timed(lambda: olora.before_stage(stacked, stage(1, second)))
+    opt_continued, opt_stacked = optimizer(continued), optimizer(stacked)
+
+    variants = {  # name: (model, optimizer, strategies, the naive variant it is compared with)
+        "naive": (continued, opt_continued, [], "naive"),
+        "ewc": (continued, opt_continued, [ewc], "naive"),
+        "lwf": (continued, opt_continued, [lwf], "naive"),
+        "lwf (fraction=1)": (continued, opt_continued, [lwf_all], "naive"),
+        "naive (adapter=new)": (stacked, opt_stacked, [], "naive (adapter=new)"),
+        "olora": (stacked, opt_stacked, [olora], "naive (adapter=new)"),
+    }
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    tokens: list[int] = []
+    data_batches = list(batches(second, random.Random(args.seed + 1)))
+    needed = args.warmup + args.batches
+    data_batches = (data_batches * (needed // len(data_batches) + 1))[:needed]
+    for b, batch in enumerate(data_batches):
+        order = names[b % len(names) :] + names[: b % len(names)]  # rotate: no variant always runs first
+        for name in order:
+            model, opt, strategies, _ = variants[name]
+            seconds = step(model, opt, batch, strategies)
+            if b >= args.warmup:
+                times[name].append(seconds)
+        if b >= args.warmup:
+            tokens.append(batch["n_tokens"])
+        print(f"[bench] batch {b + 1}/{needed}", file=sys.stderr)
+
+    rows = {}
+    for name in names:
+        base = variants[name][3]
+        t, t_base = statistics.median(times[name]), statistics.median(times[base])
+        stage_seconds = t * args.stage_steps + once.get(name, 0.0)
+        rows[name] = {
+            "baseline": base,
+            "step_seconds_median": t,
+            "s_per_1k_tokens": 1000 * sum(times[name]) / sum(tokens),
+            "step_ratio": t / t_base,
+            "once_per_stage_seconds": once.get(name, 0.0),
+            "stage_overhead": stage_seconds / (t_base * args.stage_steps),
+        }
+    result = {
+        "model": args.model,
+        "scenario": scenario.name,
+        "precision": precision,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "timed_batches": args.batches,
+        "stage_steps": args.stage_steps,
+        "mean_tokens_per_batch": statistics.mean(tokens),
+        "variants": rows,
+    }
+    print(
+        f"{scenario.name} stage 2, {args.model}, {precision} on {device}, batch {args.batch_size} "
+        f"(~{result['mean_tokens_per_batch']:.0f} real tokens), median of {args.batches} steps each; "
+        f"once-per-stage cost spread over {args.stage_steps} steps"
+    )
+    print(f"{'variant':22s} {'s/step':>7s} {'s/1k tok':>8s} {'step vs naive':>13s} {'once (s)':>8s} {'stage':>7s}")
+    for name, r in rows.items():
+        print(
+            f"{name:22s} {r['step_seconds_median']:7.2f} {r['s_per_1k_tokens']:8.2f} {r['step_ratio']:12.2f}x "
+            f"{r['once_per_stage_seconds']:8.1f} {r['stage_overhead']:6.2f}x"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
