@@ -26,7 +26,7 @@ from continual_ft.results import format_matrix, format_metrics, write_csv, write
 from continual_ft.scenario import load_scenario
 from continual_ft.trainer import autocast_for, resolve_precision, train_stage
 
-__all__ = ["Results", "run", "peak_memory_mb"]
+__all__ = ["Results", "run", "peak_memory_mb", "reset_peak_memory"]
 
 METRICS = ("accuracy", "exact_match")
 
@@ -45,12 +45,28 @@ class Results:
         return self.data["metrics"][self.data["primary_metric"]]
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak, so a run's peak is its own when several runs share a process (``compare``)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: resets VmHWM, the peak resident set size, to the current size
+    except OSError:
+        pass  # elsewhere the peak stays the process's, as ru_maxrss reports it
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA allocator peak on GPU, else peak resident set size."""
+    """Peak memory since :func:`reset_peak_memory`: CUDA allocator peak on GPU, else peak resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def _unique_dir(parent: Path, name: str) -> Path:
@@ -105,6 +121,7 @@ def run(config: RunConfig, progress: bool = True) -> Results:
         raise ContinualFTError(f"merge.weights has {n_weights} values; the scenario has {len(scenario.stages)} stages")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(config.precision, device)
+    reset_peak_memory(device)
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(
         config.model,

@@ -2,6 +2,7 @@
 
 import copy
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from continual_ft.batching import Encoder, collate, length_grouped_batches
 from continual_ft.config import LoraConfig, TrainConfig
 from continual_ft.data import Example
 from continual_ft.models import load_model
+from continual_ft.runner import peak_memory_mb, reset_peak_memory
 from continual_ft.trainer import backward_step, train_stage, validation_loss
 
 
@@ -115,3 +117,14 @@ def test_same_seed_same_weights():
         )
         outs.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak reset needs Linux /proc")
+def test_peak_memory_is_per_run_after_a_reset():
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    big = torch.ones(300 * 2**20 // 4)  # 300 MB, touched
+    high = peak_memory_mb(cpu)
+    del big
+    reset_peak_memory(cpu)  # what run() does first: a later run in the same process starts afresh
+    assert high - peak_memory_mb(cpu) > 200
