@@ -206,7 +206,8 @@ def format_stage_table(entries: list[Entry]) -> str:
     n = max(len(e.results.get("stage_stats", [])) for e in entries)
     header = ["run"]
     header += [f"stage {k + 1} s / 1k tok" for k in range(n)]
-    header += [f"stage {k + 1} vs {base.name}" for k in range(n)]
+    label = "naive" if base.results.get("strategy") == "naive" else base.name
+    header += [f"stage {k + 1} vs {label}" for k in range(n)]
     header += ["strategy passes (s)"]
     rows = [header]
     for e in entries:
