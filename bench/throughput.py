@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -76,62 +75,33 @@ def total_steps(args, n_examples: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _vm_hwm_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _rss_peak_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
 class Memory:
     """Peak memory of this process, and of the training alone where the peak can be reset.
 
-    CPU: peak resident set size (``ru_maxrss``); on Linux ``/proc/self/clear_refs`` resets it just before
-    training, so ``train_peak_mb`` is the peak while training (model and optimizer state included).
-    CUDA: the caching allocator's ``max_memory_allocated``, reset before training.
+    The run's own meters (``continual_ft.runner.peak_memory_mb`` / ``reset_peak_memory``): CPU, peak
+    resident set size (VmHWM, reset through ``/proc/self/clear_refs`` on Linux); CUDA, the caching
+    allocator's ``max_memory_allocated``. ``train_peak_mb`` is the peak from just before training.
     """
 
     def __init__(self, device):
         self.device = device
         self.before = 0.0
-        self.resettable = False
-
-    def _peak(self) -> float:
-        import torch
-
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return _rss_peak_mb()
+        self.resettable = device.type == "cuda" or os.access("/proc/self/clear_refs", os.W_OK)
 
     def start(self) -> None:
-        import torch
+        from continual_ft.runner import peak_memory_mb, reset_peak_memory
 
-        self.before = self._peak()
         if self.device.type == "cuda":
+            import torch
+
             torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.resettable = True
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets the peak RSS (VmHWM, and ru_maxrss with it) to the current RSS
-            self.resettable = True
-        except OSError:
-            self.resettable = False
+        self.before = peak_memory_mb(self.device)
+        reset_peak_memory(self.device)
 
     def finish(self) -> dict:
-        during = self._peak()
-        if self.device.type != "cuda" and self.resettable:
-            during = _vm_hwm_mb() or during
+        from continual_ft.runner import peak_memory_mb
+
+        during = peak_memory_mb(self.device)
         return {
             "peak_memory_mb": max(self.before, during),
             "train_peak_memory_mb": during if self.resettable else None,
