@@ -56,10 +56,11 @@ def main(argv=None) -> dict:
     import torch
 
     from continual_ft import adapters
-    from continual_ft.batching import Encoder, collate, length_grouped_batches, mean_token_loss, to_device
+    from continual_ft.batching import Encoder, collate, length_grouped_batches, to_device
     from continual_ft.config import DataConfig, LoraConfig, TrainConfig
     from continual_ft.models import load_model
     from continual_ft.scenario import load_scenario
+    from continual_ft.stage import Batches, stage_info
     from continual_ft.strategies import EWC, LwF, OLoRA, StageInfo
     from continual_ft.strategies.lwf import LwFConfig
     from continual_ft.trainer import autocast_for, backward_step, resolve_precision
@@ -83,17 +84,15 @@ def main(argv=None) -> dict:
     stacked, _ = fresh_model("new")
     encoder = Encoder(tokenizer, train.max_length, data.chat_template, data.system_prompt)
 
-    def batches(examples, rng=None):
+    batches = Batches(encoder, args.batch_size, device, autocast)  # what the runner gives strategies
+
+    def shuffled(examples, seed: int):  # training order, as the trainer draws it
         encoded = [encoder.encode(e) for e in examples]
-        for items in length_grouped_batches(encoded, args.batch_size, rng):
+        for items in length_grouped_batches(encoded, args.batch_size, random.Random(seed)):
             yield to_device(collate(items, tokenizer.pad_token_id), device)
 
-    def loss_fn(model, batch):
-        with autocast():
-            return mean_token_loss(model, batch)
-
     def stage(i: int, examples) -> StageInfo:
-        return StageInfo(i, list(scenario.stages[i].tasks), examples, batches=batches, loss_fn=loss_fn)
+        return stage_info(i, scenario.stages[i].tasks, examples, batches)
 
     def optimizer(model):
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr)
@@ -114,7 +113,7 @@ def main(argv=None) -> dict:
         return time.perf_counter() - start
 
     # Stage 1 as a run leaves it: a trained adapter, then each strategy's end-of-stage work.
-    warm = list(batches(first, random.Random(args.seed)))[:4]
+    warm = list(shuffled(first, args.seed))[:4]
     for model in (continued, stacked):
         opt = optimizer(model)
         for batch in warm:
@@ -139,7 +138,7 @@ def main(argv=None) -> dict:
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     tokens: list[int] = []
-    data_batches = list(batches(second, random.Random(args.seed + 1)))
+    data_batches = list(shuffled(second, args.seed + 1))
     needed = args.warmup + args.batches
     data_batches = (data_batches * (needed // len(data_batches) + 1))[:needed]
     for b, batch in enumerate(data_batches):

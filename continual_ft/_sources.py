@@ -1,5 +1,7 @@
 """The loaders behind ``data.SOURCES``: two built-in offline corpora and four user formats.
 
+This module never imports ``data`` (which registers these loaders): the spec they read lives in ``_spec``.
+
 Every loader is ``loader(spec, seed) -> list[dict]``. A record holds the data fields, plus
 ``group`` (the split group: a whole group lands in one split), ``_where`` (the file and line,
 for error messages) and, for pre-split files, ``_split``.
@@ -16,12 +18,9 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from continual_ft._spec import TaskSpec
 from continual_ft.errors import ContinualFTError
-
-if TYPE_CHECKING:
-    from continual_ft.data import TaskSpec
 
 #: ICD-10-CM chapters as (first 3-char category, last 3-char category, short label). Category
 #: codes compare as strings, so "O9A" falls after "O99" and "D3A" between "D39" and "D40".
@@ -54,16 +53,6 @@ ICD10_CHAPTERS = [
 DEFAULT_LABELS = {
     "licenses": ["Permissive", "Copyleft", "Copyleft Limited", "Proprietary Free", "Commercial"],
     "icd10": [label for _, _, label in ICD10_CHAPTERS],
-}
-
-#: The ``options:`` each source accepts, with their defaults.
-OPTIONS = {
-    "licenses": {"max_chars": 400, "min_chars": 80, "max_per_group": 3},
-    "icd10": {"max_per_group": 4},
-    "jsonl": {},
-    "csv": {},
-    "parquet": {},
-    "hf": {},
 }
 
 

@@ -34,9 +34,6 @@ tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained``.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +43,7 @@ from peft import PeftModel, get_peft_model
 
 from continual_ft.config import MERGE_METHODS, LoraConfig, MergeConfig
 from continual_ft.errors import ContinualFTError
+from continual_ft.results import atomic_dir
 
 __all__ = [
     "ADAPTER_MODES",
@@ -55,6 +53,7 @@ __all__ = [
     "start_stage",
     "finish_stage",
     "finish_run",
+    "restore",
     "save_stage",
     "combine",
     "adapter_names",
@@ -153,24 +152,9 @@ def start_stage(model, mode: str, stage: int, cfg: LoraConfig):
     return model
 
 
-@contextmanager
-def _atomic_dir(out: Path):
-    """Yield a temporary sibling folder to write into; it replaces ``out`` only if writing succeeds."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _save_adapter(model, name: str, out: Path) -> Path:
     """Save adapter ``name`` as "the" adapter of ``out``, replacing what was there."""
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, selected_adapters=[name])
         # PEFT writes a non-default adapter under a sub-folder named after it; lift it up so
         # plain `PeftModel.from_pretrained(base, out)` finds it.
@@ -210,16 +194,22 @@ def combine(model, names: list[str], cfg: MergeConfig, seed: int = 0) -> str:
     return MERGED
 
 
-def finish_stage(model, mode: str, stage: int, run_dir: Path, merge_cfg: MergeConfig, seed: int = 0) -> StageOutput:
+def finish_stage(
+    model, mode: str, stage: int, run_dir: Path, merge_cfg: MergeConfig, seed: int = 0, save: bool = True
+) -> StageOutput:
     """Save stage ``stage``'s adapter and turn the trained model into the one to evaluate.
 
     ``continue``/``new``/``stack``: the model as trained. ``merge``: the adapter merged into the base
     (a plain transformers model). ``merge_final``: the adapters of stages 1..k combined into ``merged``,
-    also saved under ``adapters/merged``.
+    also saved under ``adapters/merged``. ``save=False`` (every process but the first of a multi-process
+    run) changes the model alike and writes nothing.
     """
     _check_mode(mode)
     run_dir = Path(run_dir)
-    adapter_dir = save_stage(model, mode, stage, run_dir)
+    name = _stage_name(mode, stage)
+    adapter_dir = run_dir / "adapters" / f"stage{stage + 1}"
+    if save:
+        _save_adapter(model, name, adapter_dir)
     if mode == "continue":
         return StageOutput(model, adapter_dir, serving_dirs=[adapter_dir])
     if mode in ("new", "stack"):
@@ -229,7 +219,9 @@ def finish_stage(model, mode: str, stage: int, run_dir: Path, merge_cfg: MergeCo
         return StageOutput(model.merge_and_unload(), adapter_dir)
     names = [f"stage{j + 1}" for j in range(stage + 1)]
     combine(model, names, merge_cfg, seed=seed + stage)
-    merged_dir = _save_adapter(model, MERGED, run_dir / "adapters" / MERGED)
+    merged_dir = run_dir / "adapters" / MERGED
+    if save:
+        _save_adapter(model, MERGED, merged_dir)
     return StageOutput(model, adapter_dir, merged_dir=merged_dir, serving_dirs=[merged_dir])
 
 
@@ -239,7 +231,7 @@ def finish_run(model, mode: str, run_dir: Path, tokenizer=None) -> Path | None:
     if mode != "merge":
         return None
     out = Path(run_dir) / "merged"
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -256,3 +248,27 @@ def trainable_parameters(model) -> tuple[int, int]:
 def dir_bytes(path: Path) -> int:
     """Size on disk of the files under ``path``."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def restore(model, mode: str, stages_done: int, run_dir: Path, cfg: LoraConfig):
+    """The model as it stood after ``stages_done`` stages of a run, rebuilt from the run's saved adapters.
+
+    Replays what the run did, stage by stage: :func:`start_stage`, then the stage's trained weights
+    from ``adapters/stage<k>`` instead of training, then under ``merge`` the same merge into the base.
+    The same operations on the same weights give the same model, bit for bit. The combined
+    ``merged`` adapter of ``merge_final`` is not rebuilt: the next stage rebuilds it from all stages.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for stage in range(stages_done):
+        model = start_stage(model, mode, stage, cfg)
+        path = Path(run_dir) / "adapters" / f"stage{stage + 1}" / "adapter_model.safetensors"
+        if not path.is_file():
+            raise ContinualFTError(f"{path.parent}: missing; the run cannot be resumed past stage {stage}")
+        result = set_peft_model_state_dict(model, load_file(path), adapter_name=_stage_name(mode, stage))
+        if result.unexpected_keys:
+            raise ContinualFTError(f"{path}: does not match the model ({result.unexpected_keys[0]})")
+        if mode == "merge":
+            model = model.merge_and_unload()
+    return model

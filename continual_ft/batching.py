@@ -8,17 +8,15 @@ Explicit ``position_ids`` keep left padding exact for any positional scheme.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from continual_ft.data import Example
 
-__all__ = ["Encoded", "Encoder", "collate", "length_grouped_batches", "token_loss", "mean_token_loss"]
+__all__ = ["Encoded", "Encoder", "collate", "length_grouped_batches", "to_device"]
 
 
 @dataclass(frozen=True)
@@ -96,29 +94,6 @@ def collate(items: Sequence[Encoded], pad_id: int) -> dict:
     }
 
 
-def spread_rows(n: int, fraction: float) -> torch.Tensor:
-    """Indices of ``ceil(fraction · n)`` of ``n`` rows, evenly spaced (first and last included)."""
-    k = max(1, math.ceil(fraction * n - 1e-9))
-    return torch.linspace(0, n - 1, k).round().long()
-
-
-def select_rows(batch: dict, rows: torch.Tensor) -> dict:
-    """The sub-batch of ``rows`` of a :func:`collate` batch, without the columns that are padding in all of them."""
-    if len(rows) == len(batch["tasks"]):
-        return batch
-    device = batch["input_ids"].device
-    idx = rows.to(device)
-    attention = batch["attention_mask"][idx]
-    start = int((attention.sum(0) > 0).int().argmax())  # left padding: the first column any row uses
-    start = min(start, attention.shape[1] - batch["logits_to_keep"])  # keep the answer window whole
-    sub = {k: batch[k][idx][:, start:] for k in ("input_ids", "attention_mask", "position_ids")}
-    sub["labels"] = batch["labels"][idx.to(batch["labels"].device)]
-    sub["logits_to_keep"] = batch["logits_to_keep"]
-    sub["tasks"] = [batch["tasks"][i] for i in rows.tolist()]
-    sub["n_tokens"] = int(sub["attention_mask"].sum())
-    return sub
-
-
 def length_grouped_batches(
     items: Sequence[Encoded], batch_size: int, rng: random.Random | None, mega: int = 32
 ) -> Iterator[list[Encoded]]:
@@ -140,29 +115,6 @@ def length_grouped_batches(
         rng.shuffle(batches)
     for b in batches:
         yield [items[i] for i in b]
-
-
-def model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "logits_to_keep")}
-
-
-def token_loss(model, batch: dict) -> tuple[torch.Tensor, int, object]:
-    """Summed cross-entropy over answer tokens, the answer-token count, and the model outputs.
-
-    Summing (not averaging) lets the caller normalise by the token count of a whole
-    optimizer step, so batch 8 × accumulation 1 equals batch 1 × accumulation 8.
-    """
-    outputs = model(**model_inputs(batch))
-    logits = outputs.logits[:, :-1].float()
-    labels = batch["labels"].to(logits.device)
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum()), outputs
-
-
-def mean_token_loss(model, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy per answer token of one batch (the loss strategies see)."""
-    loss, n, _ = token_loss(model, batch)
-    return loss / max(n, 1)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -6,6 +6,8 @@
     python cli.py plot runs/legal_then_medical-naive-continue
     python cli.py compare scenario=legal_then_medical strategy=naive,replay adapter=stack,merge
     python cli.py compare runs/a runs/b
+    python cli.py resume runs/legal_then_medical-naive-continue   # go on after a kill
+    torchrun --nproc_per_node 2 cli.py run ...                     # one run across processes
 
 Bad input prints one line (``error: ...``) and exits with status 2, never a traceback.
 """
@@ -13,6 +15,7 @@ Bad input prints one line (``error: ...``) and exits with status 2, never a trac
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -43,7 +46,49 @@ def run(overrides, quiet):
 
     config = make_config(list(overrides), tuple(STRATEGIES))
     results = run_config(config, progress=not quiet)
-    click.echo(report(results))
+    _echo_main(lambda: report(results))
+
+
+def _echo_main(text) -> None:
+    """Print ``text()`` on the first process only (under torchrun every process runs this command), then
+    close the process group of a multi-process run."""
+    from continual_ft.distributed import get_dist
+
+    dist = get_dist()
+    if dist.is_main:
+        click.echo(text())
+    dist.close()
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("run_dir", type=click.Path())
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+@click.option("--quiet", is_flag=True, help="no progress bars or per-stage log lines")
+@click.option(
+    "--set",
+    "changes",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="change train.lr, train.max_grad_norm, train.checkpoint_every or train.checkpoint_minutes from here on "
+    "(recorded in results.json); without it the run ends exactly as the uninterrupted one would have",
+)
+def resume(run_dir, extra, quiet, changes):
+    """Go on with an interrupted run in RUN_DIR, in the same directory, from its last checkpoint."""
+    from continual_ft.runner import report
+    from continual_ft.runner import resume as resume_run
+
+    if extra:
+        raise ContinualFTError(
+            f"resume takes no settings ({extra[0]!r}): it goes on with the run's own config.yaml; "
+            "use --set train.lr=... to change the learning rate"
+        )
+    from continual_ft.results import load_results
+
+    if (Path(run_dir) / "results.json").is_file() and load_results(Path(run_dir)).get("complete"):
+        _echo_main(lambda: f"{run_dir}: the run is already complete; nothing to resume")
+        return
+    results = resume_run(run_dir, progress=not quiet, changes=list(changes))
+    _echo_main(lambda: report(results))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

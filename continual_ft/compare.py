@@ -22,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from continual_ft.config import SHORTHANDS, RunConfig, make_config, to_dict
+from continual_ft.checks import check_config
+from continual_ft.config import RunConfig, make_config, parse_overrides, to_dict
 from continual_ft.errors import ContinualFTError
 from continual_ft.plots import acc_bwt_bars, heatmap_grid
 from continual_ft.results import atomic_write, load_results
@@ -78,36 +79,26 @@ def _label(key: str, value: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", f"{key.rsplit('.', 1)[-1]}{value}")
 
 
-def grid_configs(overrides: list[str], strategy_names: tuple[str, ...] = ()) -> list[RunConfig]:
-    """Every grid point's RunConfig, each with a distinct run name; all checked before any runs."""
-    from continual_ft.adapters import ADAPTER_MODES
-    from continual_ft.strategies import build
+def grid_configs(overrides: list[str], strategy_names: tuple[str, ...] = ()) -> list[tuple[RunConfig, dict]]:
+    """Every grid point's RunConfig (each with a distinct run name) and its strategy settings with their
+    defaults; all checked before anything runs."""
+    from continual_ft.strategies import settings
 
-    axes: list[tuple[str, list[str]]] = []
-    for item in overrides:
-        if item == "quick":
-            item = "quick=true"
-        if "=" not in item:
-            raise ContinualFTError(f"expected key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        axes.append((SHORTHANDS.get(key, key), split_values(value)))
+    axes = [(key, split_values(value)) for key, value in parse_overrides(overrides)]
     varied = {k for k, values in axes if len(values) > 1}
-    configs = []
+    points = []
     for point in itertools.product(*(values for _, values in axes)):
-        items = [f"{k}={v}" for (k, _), v in zip(axes, point)]
-        config = make_config(items, strategy_names)
-        build(config.strategy, config.strategy_args)  # unknown strategy or setting: fail before any run
-        if config.adapter not in ADAPTER_MODES:
-            raise ContinualFTError(f"unknown adapter {config.adapter!r}; choose from {', '.join(ADAPTER_MODES)}")
+        config = make_config([f"{k}={v}" for (k, _), v in zip(axes, point)], strategy_names)
+        strategies = check_config(config)  # unknown strategy, setting or combination: fail before any run
         named = () if config.name else NAMED_KEYS + (("merge.method",) if config.adapter == "merge_final" else ())
         suffix = [_label(k, v) for (k, _), v in zip(axes, point) if k in varied and k not in named]
         config.name = "-".join([config.run_name(), *suffix])
-        configs.append(config)
-    names = [c.name for c in configs]
+        points.append((config, settings(strategies)))
+    names = [c.name for c, _ in points]
     if len(set(names)) < len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise ContinualFTError(f"two grid points resolve to the same run {dup!r}; drop the repeated value")
-    return configs
+    return points
 
 
 def _comparable(config: dict) -> dict:
@@ -115,7 +106,7 @@ def _comparable(config: dict) -> dict:
     return {k: v for k, v in yaml.safe_load(yaml.safe_dump(config)).items() if k not in IGNORED_KEYS}
 
 
-def find_finished(config: RunConfig) -> Path | None:
+def find_finished(config: RunConfig, strategy_settings: dict | None = None) -> Path | None:
     """A finished run under ``config.output_dir`` with the same resolved config, or None.
 
     Strategy settings are compared with their defaults filled in, so a run made before a default
@@ -125,7 +116,9 @@ def find_finished(config: RunConfig) -> Path | None:
     parent = Path(config.output_dir)
     if not parent.is_dir():
         return None
-    want = _comparable({**to_dict(config), "strategy_settings": settings(build(config.strategy, config.strategy_args))})
+    if strategy_settings is None:
+        strategy_settings = settings(build(config.strategy, config.strategy_args))
+    want = _comparable({**to_dict(config), "strategy_settings": strategy_settings})
     for run_dir in sorted(p for p in parent.iterdir() if (p / "results.json").is_file()):
         try:
             done = load_results(run_dir).get("complete") is True
@@ -314,9 +307,9 @@ def compare(
         entries = [Entry(n, d, load_results(d), "given") for n, d in zip(_unique_names(dirs), dirs)]
         out = Path(out) if out else Path(RunConfig().output_dir) / "compare"
     else:
-        configs = grid_configs(overrides, tuple(STRATEGIES))
-        for config in configs:
-            found = find_finished(config)
+        points = grid_configs(overrides, tuple(STRATEGIES))
+        for config, strategy_settings in points:
+            found = find_finished(config, strategy_settings)
             if found is not None:
                 log(f"reused {found}")
                 entries.append(Entry(config.name, found, load_results(found), "reused"))
@@ -324,6 +317,6 @@ def compare(
                 results = run(config, progress=progress)
                 log(f"trained {results.run_dir}")
                 entries.append(Entry(config.name, results.run_dir, results.data, "trained"))
-        out = Path(out) if out else Path(configs[0].output_dir) / "compare"
+        out = Path(out) if out else Path(points[0][0].output_dir) / "compare"
     files = write_report(entries, out, command)
     return Comparison(entries, out, format_table(entries), files)

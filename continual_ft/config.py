@@ -24,6 +24,7 @@ __all__ = [
     "MergeConfig",
     "RunConfig",
     "make_config",
+    "parse_overrides",
     "config_keys",
     "MERGE_METHODS",
     "SHORTHANDS",
@@ -71,6 +72,10 @@ class TrainConfig:
     max_length: int = _help("longest tokenized example; longer prompts are cut from the left", 256)
     eval_every: int = _help("validation loss every N optimizer steps; 0 = once at the end of the stage", 0)
     patience: int = _help("early stopping: stop a stage after this many validations without improvement; 0 = off", 0)
+    checkpoint_every: int = _help(
+        "save an in-stage checkpoint every N optimizer steps (latest only), for `resume`; 0 = off", 0
+    )
+    checkpoint_minutes: float = _help("also save one when this many minutes passed since the last; 0 = off", 0.0)
 
     def __post_init__(self):
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
@@ -88,6 +93,8 @@ class TrainConfig:
         _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
         _require(self.patience >= 0, f"train.patience must be >= 0, got {self.patience}")
         _require(self.patience == 0 or self.eval_every > 0, "train.patience needs train.eval_every > 0")
+        _require(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _require(self.checkpoint_minutes >= 0, f"train.checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
 
 
 @dataclass
@@ -214,6 +221,20 @@ def _one_line(e: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
+def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    """``["quick", "method=ties", "train.lr=2e-4"]`` → ``[("quick", "true"), ("merge.method", "ties"), ...]``:
+    bare flags and shorthands resolved, values left as text (``compare`` splits them on commas)."""
+    pairs = []
+    for item in items:
+        if item == "quick":
+            item = "quick=true"
+        if "=" not in item:
+            raise ContinualFTError(f"expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        pairs.append((SHORTHANDS.get(key, key), value))
+    return pairs
+
+
 def make_config(overrides: list[str] | dict | None = None, strategy_names: tuple[str, ...] = ()) -> RunConfig:
     """Build a RunConfig from ``key=value`` strings (dotted keys allowed) or a nested dict.
 
@@ -231,13 +252,7 @@ def make_config(overrides: list[str] | dict | None = None, strategy_names: tuple
         extra = OmegaConf.create(overrides)
     else:
         items = []
-        for item in overrides or []:
-            if item == "quick":
-                item = "quick=true"
-            if "=" not in item:
-                raise ContinualFTError(f"expected key=value, got {item!r}")
-            key, value = item.split("=", 1)
-            key = SHORTHANDS.get(key, key)
+        for key, value in parse_overrides(list(overrides or [])):
             head = key.split(".", 1)[0]
             if head in strategy_names:
                 key = f"strategy_args.{key}"

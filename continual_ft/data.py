@@ -7,19 +7,20 @@ yields raw records; each record's ``group`` goes wholly into one split, chosen b
 
 so no license (or ICD category, or user group) seen in training shows up in test. Each split is
 then sampled to its size with a seeded RNG, round-robin across labels when ``balance`` is on.
+A size the task asks for (``sizes:``, a scenario's ``quick:``, ``data.train_size=``) that the
+split cannot fill is an error; a default size takes what there is.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-import string
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 from continual_ft import _sources
-from continual_ft._sources import DEFAULT_LABELS, OPTIONS, icd10_chapter
+from continual_ft._sources import DEFAULT_LABELS, icd10_chapter
+from continual_ft._spec import BUILT_IN, DEFAULT_SIZES, SPLITS, TASK_KEYS, TaskSpec, check_sizes
 from continual_ft.errors import ContinualFTError
 
 __all__ = [
@@ -37,12 +38,11 @@ __all__ = [
     "icd10_chapter",
 ]
 
-SPLITS = ("train", "validation", "test")
 #: Share of groups per split (the rest of the unit interval goes to test).
 FRACTIONS = {"train": 0.7, "validation": 0.1, "test": 0.2}
-DEFAULT_SIZES = {"train": 500, "validation": 64, "test": 150}
 
 #: Source name -> ``loader(spec, seed) -> list[dict]``; each record carries a ``group`` key.
+#: The names are those of ``_spec.OPTIONS``, where a ``TaskSpec`` checks its source.
 SOURCES: dict[str, Callable] = {
     "licenses": _sources.load_licenses,
     "icd10": _sources.load_icd10,
@@ -51,8 +51,6 @@ SOURCES: dict[str, Callable] = {
     "parquet": _sources.load_parquet,
     "hf": _sources.load_hf,
 }
-_BUILT_IN = ("licenses", "icd10")
-_FILE_SOURCES = ("jsonl", "csv", "parquet")
 
 
 @dataclass(frozen=True)
@@ -74,156 +72,6 @@ class Task:
     train: list[Example]
     validation: list[Example]
     test: list[Example]
-
-
-def _help(text: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass
-class TaskSpec:
-    """What one ``tasks:`` entry of a scenario asks for; checked on construction."""
-
-    name: str = _help("task name (the key under `tasks:`)")
-    source: str = _help(f"where the records come from: {', '.join(SOURCES)}")
-    prompt: str = _help(
-        "prompt template; {field} is a record field, {text} the text field, {labels} the label list",
-        "{text}\n\nAnswer:",
-    )
-    text_field: str = _help("record field that {text} stands for", "text")
-    label_field: str = _help("record field holding the gold label", "label")
-    group_field: str | None = _help("record field whose value is the split group (default: each row its own group)")
-    labels: list[str] | None = _help("candidate answers in order; built-in sources keep only these (default: all)")
-    sizes: dict = _help("examples per split: {train, validation, test}", factory=dict)
-    options: dict = _help(
-        "source options (licenses: max_chars, min_chars, max_per_group; icd10: max_per_group)", factory=dict
-    )
-    balance: bool = _help("sample each split round-robin across labels, so labels are as even as the data allows", True)
-    path: str | None = _help("data file (jsonl/csv/parquet) or save_to_disk folder (hf), relative to the YAML")
-    files: dict | None = _help("pre-split data files: {train: ..., validation: ..., test: ...}")
-    dataset: str | None = _help("hf: dataset name or path given to datasets.load_dataset")
-    config: str | None = _help("hf: dataset configuration name")
-    split: str = _help("hf: the dataset split to read and split by group", "train")
-    splits: dict | None = _help("hf: use the dataset's own splits: {train: <split>, validation: ..., test: ...}")
-    base_dir: str = field(default=".", metadata={"help": "folder that relative paths are resolved against"})
-    locate: Callable[[str], str] | None = field(default=None, repr=False, metadata={"help": "field -> location text"})
-
-    def __post_init__(self):
-        if not isinstance(self.source, str) or self.source not in SOURCES:
-            raise self.fail("source", f"unknown source {self.source!r}; choose from: {', '.join(SOURCES)}")
-        for name in ("prompt", "text_field", "label_field", "split"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise self.fail(name, "must be a non-empty string")
-        self.placeholders()  # raises on a malformed template
-        if self.labels is not None:
-            if (
-                not isinstance(self.labels, list)
-                or not self.labels
-                or any(isinstance(x, (dict, list)) for x in self.labels)
-            ):
-                raise self.fail("labels", "must be a non-empty list of label strings")
-            self.labels = [str(x) for x in self.labels]
-            if len(set(self.labels)) != len(self.labels):
-                raise self.fail("labels", "lists a label twice")
-        self.sizes = {
-            **DEFAULT_SIZES,
-            **check_sizes(self.sizes, lambda key: self.where(f"sizes.{key}" if key else "sizes")),
-        }
-        if not isinstance(self.options, dict):
-            raise self.fail("options", "must be a mapping")
-        for key, value in self.options.items():
-            if key not in OPTIONS[self.source]:
-                known = ", ".join(OPTIONS[self.source]) or "none"
-                raise self.fail(f"options.{key}", f"unknown option for source {self.source}; valid: {known}")
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise self.fail(f"options.{key}", f"must be a positive integer, got {value!r}")
-        if not isinstance(self.balance, bool):
-            raise self.fail("balance", f"must be true or false, got {self.balance!r}")
-        self._check_location()
-
-    def _check_location(self):
-        given = [
-            k for k in ("path", "files", "dataset", "splits", "config", "group_field") if getattr(self, k) is not None
-        ]
-        if self.source in _BUILT_IN:
-            extra = given + [k for k, d in (("text_field", "text"), ("label_field", "label")) if getattr(self, k) != d]
-            if extra:
-                raise self.fail(extra[0], f"does not apply to the built-in source {self.source}")
-        elif self.source in _FILE_SOURCES:
-            if (self.path is None) == (self.files is None):
-                raise self.fail("path", f"source {self.source} needs exactly one of `path:` or `files:`")
-            for bad in ("dataset", "splits", "config"):
-                if getattr(self, bad) is not None:
-                    raise self.fail(bad, f"applies only to source hf, not {self.source}")
-        elif (self.path is None) == (self.dataset is None) or self.files is not None:
-            raise self.fail("dataset", "source hf needs exactly one of `dataset:` or `path:` (and no `files:`)")
-        for name in ("files", "splits"):
-            mapping = getattr(self, name)
-            if mapping is None:
-                continue
-            if not isinstance(mapping, dict) or any(
-                k not in SPLITS or not isinstance(v, str) for k, v in mapping.items()
-            ):
-                raise self.fail(name, f"must map some of {', '.join(SPLITS)} to a name")
-            if "train" not in mapping or "test" not in mapping:
-                raise self.fail(name, "needs at least `train:` and `test:`")
-        for name in ("path", "dataset", "config", "group_field"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise self.fail(name, "must be a string")
-
-    def where(self, key: str) -> str:
-        """Location text for a field of this task, e.g. ``my.yaml line 12 (tasks.qa.prompt)``."""
-        return self.locate(key) if self.locate else f"task {self.name!r} field '{key}'"
-
-    def fail(self, key: str, message: str) -> ContinualFTError:
-        """The error to raise for a bad value of ``key`` (the caller raises it)."""
-        return ContinualFTError(f"{self.where(key)}: {message}" if message else self.where(key))
-
-    def placeholders(self) -> list[str]:
-        """Field names used as ``{name}`` in the prompt."""
-        try:
-            names = [f for _, f, _, _ in string.Formatter().parse(self.prompt) if f is not None]
-        except ValueError as e:
-            raise self.fail("prompt", f"malformed template ({e}); write literal braces as {{{{ and }}}}") from None
-        for name in names:
-            if not name.isidentifier():
-                raise self.fail("prompt", f"placeholder {{{name}}} must be a plain field name")
-        return list(dict.fromkeys(names))
-
-    def required_fields(self) -> list[str]:
-        """Record fields every row must have: the label, the group field and, if the prompt uses {text}, the text."""
-        needed = [self.label_field] + ([self.group_field] if self.group_field else [])
-        needed += [self.text_field] if "text" in self.placeholders() else []
-        return list(dict.fromkeys(needed))
-
-    def option_values(self) -> dict:
-        """The source's options with defaults filled in."""
-        return {**OPTIONS[self.source], **self.options}
-
-    def resolve(self, name: str, key: str, must_exist: bool = True) -> Path:
-        """A data path relative to ``base_dir`` (or absolute); a missing file names the YAML field."""
-        path = Path(name).expanduser()
-        path = path if path.is_absolute() else Path(self.base_dir) / path
-        if must_exist and not path.exists():
-            raise self.fail(key, f"file not found: {path}")
-        return path
-
-
-TASK_KEYS = {f.name: f.metadata["help"] for f in fields(TaskSpec) if f.name not in ("name", "base_dir", "locate")}
-
-
-def check_sizes(sizes, fail: Callable[[str], str]) -> dict:
-    """``sizes`` as {split: positive int}; ``fail(key)`` is the location text of a bad key ('' for the whole)."""
-    if not isinstance(sizes, dict):
-        raise ContinualFTError(f"{fail('')}: must be a mapping like {{train: 500, validation: 64, test: 150}}")
-    for key, value in sizes.items():
-        if key not in SPLITS:
-            raise ContinualFTError(f"{fail(key)}: unknown split; valid: {', '.join(SPLITS)}")
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ContinualFTError(f"{fail(key)}: must be a positive integer, got {value!r}")
-    return dict(sizes)
 
 
 def split_of(group: str, seed: int = 0) -> str:
@@ -249,8 +97,28 @@ def _sample(examples: list[Example], n: int, labels: list[str], rng: random.Rand
     return picked
 
 
-def build_task(spec: TaskSpec, seed: int = 0) -> Task:
-    """Load the records, check them, fill the prompt, split by group and sample each split."""
+def _check_sizes_fit(spec: TaskSpec, pools: dict[str, list[Example]], pre_split: bool) -> None:
+    """A size the task asks for must fit its split: silently training on less would misreport the run."""
+    counts = "/".join(str(len(pools[s])) for s in SPLITS)
+    for split, asked in spec.sizes.items():
+        if asked > len(pools[split]):
+            if pre_split:
+                how = f"pre-split: {counts} in {'/'.join(SPLITS)}"
+            else:
+                shares = "/".join(f"{round(100 * FRACTIONS[s])}" for s in SPLITS)
+                how = f"of {sum(map(len, pools.values()))} in all, split {shares} by group into {'/'.join(SPLITS)}"
+            raise ContinualFTError(
+                f"task {spec.name!r}: sizes.{split}={asked} but the data holds only {len(pools[split])} "
+                f"{split} examples ({how})"
+            )
+
+
+def build_task(spec: TaskSpec, seed: int = 0, *, sample: bool = True) -> Task:
+    """Load the records, check them, fill the prompt, split by group and sample each split.
+
+    ``sample=False`` keeps every example of each split, in the source's order: the most the
+    task's ``sizes`` can ask for.
+    """
     records = SOURCES[spec.source](spec, seed)
     if not records:
         raise spec.fail("source", f"task '{spec.name}' has no examples")
@@ -264,7 +132,7 @@ def build_task(spec: TaskSpec, seed: int = 0) -> Task:
         for name in required:
             if r.get(name) is None:
                 raise ContinualFTError(f"{r['_where']}: missing field '{name}'")
-    if spec.source in _BUILT_IN:
+    if spec.source in BUILT_IN:
         available = list(dict.fromkeys(r["label"] for r in records))
         labels = spec.labels or [x for x in DEFAULT_LABELS[spec.source] if x in available]
         missing = [x for x in labels if x not in available]
@@ -296,8 +164,11 @@ def build_task(spec: TaskSpec, seed: int = 0) -> Task:
     for split in ("train", "test"):
         if not pools[split]:
             raise spec.fail("source", f"task '{spec.name}' has an empty {split} split ({len(records)} examples in all)")
+    if not sample:
+        return Task(spec.name, list(labels), pools["train"], pools["validation"], pools["test"])
+    _check_sizes_fit(spec, pools, pre_split=any("_split" in r for r in records))
+    sizes = {**DEFAULT_SIZES, **spec.sizes}
     out = {
-        s: _sample(pools[s], spec.sizes[s], labels, random.Random(f"{seed}:{spec.name}:{s}"), spec.balance)
-        for s in SPLITS
+        s: _sample(pools[s], sizes[s], labels, random.Random(f"{seed}:{spec.name}:{s}"), spec.balance) for s in SPLITS
     }
     return Task(spec.name, list(labels), out["train"], out["validation"], out["test"])

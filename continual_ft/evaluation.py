@@ -19,9 +19,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import DistributedType
 
 from continual_ft.batching import Encoder
 from continual_ft.data import Task
+from continual_ft.distributed import Dist
 
 __all__ = ["TaskScore", "evaluate_task", "normalize_answer"]
 
@@ -110,16 +112,38 @@ def _label_logprobs(model, cache, last_logits, mask, label_ids: list[tuple[int, 
 
 
 def evaluate_task(
-    model, encoder: Encoder, task: Task, *, batch_size: int = 16, max_new_tokens: int = 0, autocast=None
+    model,
+    encoder: Encoder,
+    task: Task,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 0,
+    autocast=None,
+    dist: Dist | None = None,
 ) -> TaskScore:
-    """Score ``task.test`` both ways; the model is put in eval mode and restored after."""
+    """Score ``task.test`` both ways; the model is put in eval mode and restored after.
+
+    With ``dist`` over several processes each rank scores ``dist.shard`` of the length-sorted
+    examples through the unwrapped module (no gradients, so nothing for DDP to sync), then the
+    per-example results are gathered: every rank returns the same score of the whole split, with
+    rank 0's wall time.
+    """
     autocast = autocast or nullcontext
+    sharded = dist is not None and dist.world > 1
+    if sharded:
+        if dist.accelerator.distributed_type == DistributedType.FSDP:
+            # The unwrapped module holds only this rank's parameter shard, and the wrapped one
+            # all-gathers in every forward, which needs equal forward counts on all ranks.
+            raise NotImplementedError("sharded evaluation under FSDP is not supported yet")
+        model = dist.unwrap(model)
     tok = encoder.tokenizer
     device = next(model.parameters()).device
     label_ids = [encoder.answer_ids(label, eos=False) for label in task.labels]
     max_new_tokens = max_new_tokens or max(len(l) for l in label_ids) + 3
     prompts = [encoder.encode(ex, answer="", eos=False).prompt_ids for ex in task.test]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if sharded:
+        order = dist.shard(order)
     choice = torch.empty(len(prompts), dtype=torch.long)
     answers = [""] * len(prompts)
     was_training = model.training
@@ -143,7 +167,13 @@ def evaluate_task(
         for row, i in enumerate(idx):
             answers[i] = tok.decode(generated[row], skip_special_tokens=True)
         tokens += int(mask.sum()) + generated.numel() + len(idx) * sum(len(l) for l in label_ids)
+    if sharded:
+        for i, chosen, answer in dist.gather([(i, int(choice[i]), answers[i]) for i in order]):
+            choice[i], answers[i] = chosen, answer
+        tokens = dist.sum(tokens)
     seconds = time.perf_counter() - start
+    if sharded:
+        seconds = dist.broadcast(seconds)
     model.train(was_training)
     gold = torch.tensor([task.labels.index(ex.answer) for ex in task.test])
     accuracy = (choice == gold).float().mean().item()

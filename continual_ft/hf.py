@@ -1,21 +1,14 @@
 """Our strategies inside the Hugging Face ``Trainer``: a thin integration, as trl's trainers are.
 
 Callbacks never see the loss, so penalties go through a ``compute_loss`` override
-(:class:`ContinualTrainer`). The stage hooks run around ``trainer.train()``, either by hand::
+(:class:`ContinualTrainer`). The stage hooks run around ``trainer.train()`` in the one order
+:func:`continual_ft.stage.run_stage` keeps for every loop; :func:`train_stage_hf` does that::
 
     stage = stage_info(0, examples, encoder)
-    for s in strategies:
-        examples = s.train_data(stage, examples)
-    for s in strategies:
-        s.before_stage(model, stage)
-    trainer = ContinualTrainer(model=model, args=args, train_dataset=ExampleDataset(examples, encoder),
-                               data_collator=Collator(tokenizer.pad_token_id), strategies=strategies)
-    trainer.train()
-    for s in strategies:
-        s.after_stage(model, stage)
+    train_stage_hf(model, tokenizer, examples, strategies, stage, TrainingArguments(...))
 
-or with :func:`train_stage_hf`, which does exactly that. The model must already carry the
-stage's adapter (``continual_ft.adapters.start_stage`` or ``peft.get_peft_model``).
+The model must already carry the stage's adapter (``continual_ft.adapters.start_stage`` or
+``peft.get_peft_model``).
 
 Batches are ours (:func:`continual_ft.batching.collate`): left-padded, ``labels`` aligned with
 the last ``logits_to_keep - 1`` positions, plus ``tasks`` and ``n_tokens`` for strategies. The
@@ -31,16 +24,11 @@ from collections.abc import Sequence
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from continual_ft.batching import (
-    Encoded,
-    Encoder,
-    collate,
-    length_grouped_batches,
-    mean_token_loss,
-    to_device,
-    token_loss,
-)
+from continual_ft.batching import Encoded, Encoder, collate
 from continual_ft.data import Example
+from continual_ft.losses import token_loss
+from continual_ft.stage import Batches, run_stage, total_penalty
+from continual_ft.stage import stage_info as _stage_info
 from continual_ft.strategies import StageInfo, Strategy
 
 __all__ = ["ContinualTrainer", "ExampleDataset", "Collator", "stage_info", "train_stage_hf"]
@@ -90,10 +78,9 @@ class ContinualTrainer(Trainer):
         summed, n, outputs = token_loss(model, inputs)
         loss = summed / max(n, 1)
         if model.training:
-            for s in self.strategies:
-                extra = s.penalty(model, inputs, outputs)
-                if extra is not None:
-                    loss = loss + extra
+            extra = total_penalty(self.strategies, self.accelerator.unwrap_model(model), inputs, outputs)
+            if extra is not None:
+                loss = loss + extra
         return (loss, outputs) if return_outputs else loss
 
 
@@ -105,17 +92,8 @@ def stage_info(
     ``batches`` yields CPU tensors and ``loss_fn`` moves each batch to the model's device, since the
     Trainer places the model only when training starts.
     """
-
-    def batches(exs):
-        encoded = [encoder.encode(e) for e in exs]
-        for items in length_grouped_batches(encoded, batch_size, rng=None):
-            yield collate(items, encoder.tokenizer.pad_token_id)
-
-    def loss_fn(model, batch):
-        return mean_token_loss(model, to_device(batch, next(model.parameters()).device))
-
     tasks = list(dict.fromkeys(e.task for e in examples))
-    return StageInfo(index=index, tasks=tasks, examples=list(examples), batches=batches, loss_fn=loss_fn, final=final)
+    return _stage_info(index, tasks, examples, Batches(encoder, batch_size), final=final)
 
 
 def train_stage_hf(
@@ -135,20 +113,17 @@ def train_stage_hf(
     holds the losses). Extra keyword arguments go to :class:`ContinualTrainer`.
     """
     encoder = encoder or Encoder(tokenizer)
-    examples = list(examples)
-    for s in strategies:
-        examples = s.train_data(stage, examples)
-    for s in strategies:
-        s.before_stage(model, stage)
-    trainer = ContinualTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=ExampleDataset(examples, encoder),
-        data_collator=Collator(tokenizer.pad_token_id),
-        strategies=strategies,
-        **trainer_kwargs,
-    )
-    trainer.train()
-    for s in strategies:
-        s.after_stage(model, stage)
-    return trainer
+
+    def train(examples: list[Example]) -> ContinualTrainer:
+        trainer = ContinualTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=ExampleDataset(examples, encoder),
+            data_collator=Collator(tokenizer.pad_token_id),
+            strategies=strategies,
+            **trainer_kwargs,
+        )
+        trainer.train()
+        return trainer
+
+    return run_stage(model, stage, strategies, train, examples=examples).result

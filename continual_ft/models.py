@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from continual_ft.errors import ContinualFTError
+from continual_ft.results import follow_umask
 
 __all__ = ["MODELS", "load_model", "load_tokenizer", "tiny_tokenizer", "cache_dir"]
 
@@ -70,6 +71,7 @@ def _smollm2_checkpoint() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    follow_umask(tmp)  # mkdtemp makes it 0700, safetensors its files 0600; the cache may be shared
     try:
         tmp.rename(target)
     except OSError:  # another process finished first

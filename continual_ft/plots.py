@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from continual_ft.results import load_results  # noqa: E402
+from continual_ft.results import load_results, umask  # noqa: E402
 
 __all__ = ["heatmap", "plot_run", "heatmap_grid", "acc_bwt_bars", "save_figure"]
 
@@ -54,6 +54,7 @@ def save_figure(fig, path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600; a figure is for others to open
         fig.savefig(tmp, dpi=120)
         os.replace(tmp, path)
     except BaseException:

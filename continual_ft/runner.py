@@ -1,40 +1,53 @@
-"""``run(config) -> Results``: the whole continual run that the CLI is a thin shell over.
+"""``run(config) -> Results`` and ``resume(run_dir) -> Results``: a continual run, set up, stage by stage, finished.
 
-Everything the user can get wrong (config, strategy names, scenario and data files, model
-name) is checked before the run directory is created, so bad input never leaves a
-half-made run behind, and every file is written atomically.
+    run = _setup(config)              # checks, model, data, the run record
+    for stage in remaining stages:
+        _train_stage(run, stage)      # adapter, hooks + training (continual_ft.stage), save, evaluate, record
+    _finish(run)                      # merged model, metrics, CSV, heatmaps
+
+Everything the user can get wrong is checked before the run directory is created, so bad input
+never leaves a half-made run behind. After each stage everything needed to go on is on disk
+(adapters, strategy state, the rows of R, the RNG states), and with ``train.checkpoint_every``
+also inside a stage, so ``resume`` ends exactly as the uninterrupted run would have.
+With several processes (``torchrun``, ``accelerate launch``) only the first writes files.
 """
 
 from __future__ import annotations
 
-import platform
 import resource
+import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
-from continual_ft import adapters, metrics
-from continual_ft.batching import Encoder, collate, length_grouped_batches, mean_token_loss, to_device
-from continual_ft.config import RunConfig, to_dict
+from continual_ft import adapters
+from continual_ft._state import load_tree, save_tree
+from continual_ft.batching import Encoder
+from continual_ft.checkpoint import StepCheckpoints, load_boundary, save_boundary, set_rng_state
+from continual_ft.checks import check_config, check_scenario
+from continual_ft.config import RunConfig, make_config, to_dict
+from continual_ft.distributed import Dist, get_dist
+from continual_ft.errors import ContinualFTError
 from continual_ft.evaluation import evaluate_task
 from continual_ft.models import load_model
-from continual_ft.plots import plot_run
-from continual_ft.results import format_matrix, format_metrics, write_csv, write_json, write_yaml
-from continual_ft.scenario import load_scenario
-from continual_ft.trainer import autocast_for, resolve_precision, train_stage
+from continual_ft.record import RunRecord
+from continual_ft.results import load_results, write_yaml
+from continual_ft.scenario import Scenario, load_scenario
+from continual_ft.stage import Batches, run_stage, stage_info
+from continual_ft.trainer import NonFiniteLoss, autocast_for, resolve_precision, train_stage
 
-__all__ = ["Results", "run", "peak_memory_mb", "reset_peak_memory"]
-
-METRICS = ("accuracy", "exact_match")
+__all__ = ["Results", "run", "resume", "report", "peak_memory_mb", "reset_peak_memory"]
 
 
 @dataclass
 class Results:
     run_dir: Path
-    data: dict
+    data: dict  # what results.json holds
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the trained model, in memory
 
     @property
     def R(self) -> list[list[float]]:
@@ -85,41 +98,50 @@ def _quantization(config: RunConfig):
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError:
-        from continual_ft.errors import ContinualFTError
-
         raise ContinualFTError("quantize=nf4 needs bitsandbytes: pip install 'continual-ft[qlora]'") from None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def _log(progress: bool, msg: str) -> None:
-    if progress:
-        print(msg, file=sys.stderr, flush=True)
+@dataclass
+class _Run:
+    """Everything a stage needs: set up once by :func:`_setup`."""
+
+    config: RunConfig
+    scenario: Scenario
+    strategies: list
+    model: torch.nn.Module
+    tokenizer: object
+    encoder: Encoder
+    device: torch.device
+    precision: str
+    dist: Dist
+    record: RunRecord | None = None
+    progress: bool = True
+    resume_stage: int | None = None  # the stage a resumed run goes on in
+
+    @property
+    def run_dir(self) -> Path:
+        return self.record.run_dir
+
+    def log(self, msg: str) -> None:
+        if self.progress and self.dist.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    def autocast(self):
+        return autocast_for(self.precision, self.device)()
+
+    def save(self, complete: bool = False) -> None:
+        if self.dist.is_main:
+            self.record.save(peak_memory_mb(self.device), complete)
 
 
-def run(config: RunConfig, progress: bool = True) -> Results:
-    from continual_ft.errors import ContinualFTError
-    from continual_ft.strategies import StageInfo, build
-    from continual_ft.strategies import settings as strategy_settings
-
-    t_start = time.perf_counter()
-    strategies = build(config.strategy, config.strategy_args)
-    for s in strategies:
-        needs = getattr(s, "requires_adapter", None)  # e.g. O-LoRA needs a fresh adapter per stage
-        if needs and config.adapter not in needs:
-            raise ContinualFTError(f"strategy={s.name} needs adapter={' or '.join(needs)}, not {config.adapter}")
-    if config.adapter not in adapters.ADAPTER_MODES:
-        raise ContinualFTError(f"unknown adapter {config.adapter!r}; choose from {', '.join(adapters.ADAPTER_MODES)}")
-    if config.quantize != "none" and config.model == "tiny":
-        raise ContinualFTError(
-            "quantize=nf4 loads a checkpoint in 4 bit; model=tiny is built in memory, use a directory"
-        )
-    if config.quantize != "none" and config.adapter == "merge":
-        raise ContinualFTError("adapter=merge would requantize the 4-bit base after every stage; use merge_final")
+def _setup(config: RunConfig, progress: bool) -> _Run:
+    """Checks, then the scenario, the model in its training precision and the tokenizer."""
+    strategies = check_config(config)
     scenario = load_scenario(config.scenario, quick=config.quick, seed=config.seed, sizes=config.data.sizes())
-    n_weights = len(config.merge.weights)
-    if config.adapter == "merge_final" and n_weights and n_weights != len(scenario.stages):
-        raise ContinualFTError(f"merge.weights has {n_weights} values; the scenario has {len(scenario.stages)} stages")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_scenario(config, scenario)
+    dist = get_dist()
+    device = dist.device
     precision = resolve_precision(config.precision, device)
     reset_peak_memory(device)
     torch.manual_seed(config.seed)
@@ -133,193 +155,250 @@ def run(config: RunConfig, progress: bool = True) -> Results:
         # Frozen base weights in bf16 halve memory and skip autocast's per-step casts;
         # PEFT keeps the LoRA weights themselves in fp32.
         model = model.to(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-    autocast = autocast_for(precision, device)
     encoder = Encoder(tokenizer, config.train.max_length, config.data.chat_template, config.data.system_prompt)
+    return _Run(config, scenario, strategies, model, tokenizer, encoder, device, precision, dist, progress=progress)
 
-    run_dir = _unique_dir(Path(config.output_dir), config.run_name())
-    run_dir.mkdir(parents=True)
-    resolved = to_dict(config)
-    # Defaults included, so a finished run is not reused (compare) once a strategy's default changes.
-    resolved["strategy_settings"] = strategy_settings(strategies)
-    resolved["resolved"] = {"precision": precision, "device": str(device), "scenario_file": scenario.source_file}
-    write_yaml(run_dir / "config.yaml", resolved)
 
-    tasks = list(scenario.tasks)
-    first = [next(i + 1 for i, st in enumerate(scenario.stages) if t in st.tasks) for t in tasks]
-    data = {
-        "scenario": scenario.name,
-        "strategy": config.strategy,
-        "adapter": config.adapter,
-        "merge": to_dict(config)["merge"] if config.adapter == "merge_final" else None,
-        "model": config.model,
-        "precision": precision,
-        "device": str(device),
-        "seed": config.seed,
-        "quick": config.quick,
-        "tasks": tasks,
-        "stages": [{"name": s.name, "tasks": s.tasks} for s in scenario.stages],
-        "first_stage": first,
-        "primary_metric": scenario.metric,
-        "rows": [],
-        "R": {m: [] for m in METRICS},
-        "metrics": {},
-        "stage_stats": [],
-        "eval": [],
-        "complete": False,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+def _evaluate(run: _Run, row: str) -> dict:
+    """Score every task, add the row to R; returns the row's timing entry."""
+    scores = {
+        name: evaluate_task(
+            run.model,
+            run.encoder,
+            task,
+            batch_size=run.config.eval.batch_size,
+            max_new_tokens=run.config.eval.max_new_tokens,
+            autocast=run.autocast,
+            dist=run.dist,
+        )
+        for name, task in run.scenario.tasks.items()
     }
+    entry = run.record.add_row(row, scores)
+    run.log(
+        f"[eval] {row}: "
+        + ", ".join(f"{t} acc={100 * s.accuracy:.1f} em={100 * s.exact_match:.1f}" for t, s in scores.items())
+        + f" ({entry['seconds']:.0f}s)"
+    )
+    return entry
 
-    def evaluate_all(row_name: str) -> None:
-        scores = {
-            t: evaluate_task(
-                model,
-                encoder,
-                scenario.tasks[t],
-                batch_size=config.eval.batch_size,
-                max_new_tokens=config.eval.max_new_tokens,
-                autocast=autocast,
-            )
-            for t in tasks
-        }
-        data["rows"].append(row_name)
-        for m in METRICS:
-            data["R"][m].append([getattr(scores[t], m) for t in tasks])
-        seconds = sum(s.seconds for s in scores.values())
-        n = sum(s.n for s in scores.values())
-        data["eval"].append(
-            {
-                "row": row_name,
-                "seconds": seconds,
-                "seconds_per_example": seconds / n,
-                "tokens_per_s": sum(s.tokens_per_s * s.seconds for s in scores.values()) / seconds,
-            }
-        )
-        _log(
-            progress,
-            f"[eval] {row_name}: "
-            + ", ".join(f"{t} acc={100 * scores[t].accuracy:.1f} em={100 * scores[t].exact_match:.1f}" for t in tasks)
-            + f" ({seconds:.0f}s)",
-        )
 
-    def save(complete: bool) -> None:
-        data["complete"] = complete
-        data["total_seconds"] = time.perf_counter() - t_start
-        data["peak_memory_mb"] = peak_memory_mb(device)
-        write_json(run_dir / "results.json", data)
+def _save_boundary(run: _Run) -> None:
+    """After the rows of R: the RNG states, then results.json, the file that says the stage is done."""
+    if run.dist.is_main:
+        save_boundary(run.run_dir, run.record.stages_done)
+    run.save()
 
-    evaluate_all("before training")
-    save(False)
 
-    def batches(examples):
-        encoded = [encoder.encode(e) for e in examples]
-        for items in length_grouped_batches(encoded, config.train.batch_size, rng=None):
-            yield to_device(collate(items, tokenizer.pad_token_id), device)
+def _train_stage(run: _Run, i: int) -> None:
+    """Stage ``i``: its adapter, the strategy hooks around training, then save, evaluate and record it."""
+    config, stage_def = run.config, run.scenario.stages[i]
+    tasks = run.scenario.tasks
+    own = [ex for t in stage_def.tasks for ex in tasks[t].train]
+    validation = [ex for t in stage_def.tasks for ex in tasks[t].validation]
+    # The global batch size, each process taking its share of the batches: as one process would batch them.
+    batch_size = config.train.batch_size * run.dist.world
+    batches = Batches(run.encoder, batch_size, run.device, run.autocast, shard=run.dist.shard)
+    stage = stage_info(
+        i, stage_def.tasks, own, batches, final=i == len(run.scenario.stages) - 1, sum_across=run.dist.sum
+    )
+    setup = time.perf_counter()
+    run.model = adapters.start_stage(run.model, config.adapter, i, config.lora)
+    setup = time.perf_counter() - setup
+    checkpoints = StepCheckpoints(
+        run.run_dir,
+        i,
+        config.train.checkpoint_every,
+        config.train.checkpoint_minutes,
+        write=run.dist.is_main,
+        resumable=i == run.resume_stage,  # only the stage a resume goes on in can have a checkpoint to load
+    )
+    run.log(
+        f"[stage {i + 1}/{len(run.scenario.stages)}] {stage_def.name}: strategy={config.strategy}, "
+        f"adapter={config.adapter}, {run.precision}" + (f", {run.dist.world} processes" if run.dist.world > 1 else "")
+    )
 
-    def loss_fn(m, batch):
-        with autocast():
-            return mean_token_loss(m, batch)
-
-    for i, stage_def in enumerate(scenario.stages):
-        own = [ex for t in stage_def.tasks for ex in scenario.tasks[t].train]
-        validation = [ex for t in stage_def.tasks for ex in scenario.tasks[t].validation]
-        stage = StageInfo(
-            index=i,
-            tasks=list(stage_def.tasks),
-            examples=own,
-            batches=batches,
-            loss_fn=loss_fn,
-            final=i == len(scenario.stages) - 1,
-        )
-        hook_start = time.perf_counter()
-        examples = own
-        for s in strategies:
-            examples = s.train_data(stage, examples)
-        model = adapters.start_stage(model, config.adapter, i, config.lora)
-        for s in strategies:
-            s.before_stage(model, stage)
-        hook_seconds = time.perf_counter() - hook_start
-        _log(
-            progress,
-            f"[stage {i + 1}/{len(scenario.stages)}] {stage_def.name}: {len(examples)} examples "
-            f"({len(own)} own), strategy={config.strategy}, adapter={config.adapter}, {precision}",
-        )
-        st = train_stage(
-            model,
-            encoder,
+    def train(examples):
+        return train_stage(
+            run.model,
+            run.encoder,
             examples,
             validation,
             config.train,
-            strategies,
+            run.strategies,
             stage,
             seed=config.seed + i,
-            autocast=autocast,
-            progress=progress,
-            desc=f"stage {i + 1}",
+            autocast=run.autocast,
+            progress=run.progress and run.dist.is_main,
+            desc=f"stage {i + 1} ({stage_def.name})",
+            checkpoints=checkpoints,
+            dist=run.dist,
         )
-        hook_start = time.perf_counter()
-        for s in strategies:
-            s.after_stage(model, stage)  # EWC's Fisher pass runs here: its cost belongs to the stage
-        hook_seconds += time.perf_counter() - hook_start
-        trainable, total = adapters.trainable_parameters(model)
-        out = adapters.finish_stage(model, config.adapter, i, run_dir, config.merge, seed=config.seed)
-        model = out.model
-        state = {s.name: s.state_dict() for s in strategies}
-        if any(state.values()):
-            # Beside the adapters, not inside: EWC's Fisher and anchors are not part of what a model serves.
-            (run_dir / "strategy_state").mkdir(exist_ok=True)
-            torch.save(state, run_dir / "strategy_state" / f"stage{i + 1}.pt")
-        stats = {
-            "stage": stage_def.name,
-            "examples": len(examples),
-            "steps": st.steps,
-            "tokens": st.tokens,
-            "train_seconds": st.seconds,
-            "strategy_seconds": hook_seconds,  # train_data, adapter set-up, before/after_stage hooks
-            "tokens_per_s": st.tokens_per_s,
-            "train_loss": st.train_loss,
-            "val_losses": st.val_losses,
-            "best_val_loss": st.best_val_loss,
-            "stopped_early": st.stopped_early,
-            "trainable_params": trainable,
-            "total_params": total,
-            "adapter_dir": str(out.adapter_dir.relative_to(run_dir)),
-            "adapter_bytes": adapters.dir_bytes(out.adapter_dir),
-            # What the evaluated model adds to its base: all stacked adapters, the combined
-            # one (merge_final), or nothing once merged into the weights (merge).
-            "serving_adapter_bytes": sum(adapters.dir_bytes(d) for d in out.serving_dirs),
-        }
-        if out.merged_dir is not None:
-            stats["merged_adapter_dir"] = str(out.merged_dir.relative_to(run_dir))
-            stats["merged_adapter_bytes"] = adapters.dir_bytes(out.merged_dir)
-        _log(
-            progress,
-            f"[stage {i + 1}] {st.steps} steps, {st.tokens} tokens in {st.seconds:.0f}s "
-            f"({st.tokens_per_s:.0f} tok/s), train loss {st.train_loss:.3f}",
-        )
-        evaluate_all(f"after {stage_def.name}")
-        latency = data["eval"][-1]
-        stats["eval_seconds"] = latency["seconds"]
-        stats["eval_seconds_per_example"] = latency["seconds_per_example"]
-        stats["eval_tokens_per_s"] = latency["tokens_per_s"]
-        data["stage_stats"].append(stats)
-        save(False)
 
-    merged = adapters.finish_run(model, config.adapter, run_dir, tokenizer)
-    if merged is not None:
-        data["merged_model_dir"] = str(merged.relative_to(run_dir))
-    for m in METRICS:
-        data["metrics"][m] = metrics.summary(data["R"][m], first)
-    save(True)
-    write_csv(run_dir / "results.csv", data)
-    plot_run(run_dir)
-    return Results(run_dir, data)
+    try:
+        done = run_stage(run.model, stage, run.strategies, train)
+    except NonFiniteLoss as e:
+        raise ContinualFTError(
+            f"{e}; results so far are intact: lower train.lr and go on from the last checkpoint with "
+            f"`python cli.py resume {run.run_dir} --set train.lr=...`"
+        ) from None
+    st = done.result
+    trainable, total = adapters.trainable_parameters(run.model)
+    out = adapters.finish_stage(
+        run.model, config.adapter, i, run.run_dir, config.merge, seed=config.seed, save=run.dist.is_main
+    )
+    run.model = out.model
+    state = {s.name: s.state_dict() for s in run.strategies}
+    if any(state.values()) and run.dist.is_main:
+        # Beside the adapters, not inside: EWC's Fisher and anchors are not part of what a model serves.
+        save_tree(run.run_dir / "strategy_state" / f"stage{i + 1}", state)
+    run.log(
+        f"[stage {i + 1}] {done.examples} examples ({len(own)} own), {st.steps} steps, {st.tokens} tokens in "
+        f"{st.seconds:.0f}s ({st.tokens_per_s:.0f} tok/s), train loss {st.train_loss:.3f}"
+        + (f", resumed at step {st.resumed_at_step}" if st.resumed_at_step else "")
+    )
+    latency = _evaluate(run, f"after {stage_def.name}")
+    stats = {
+        "stage": stage_def.name,
+        "examples": done.examples,
+        "steps": st.steps,
+        "tokens": st.tokens,
+        "train_seconds": st.seconds,
+        "strategy_seconds": done.hook_seconds + setup,  # train_data, adapter set-up, before/after_stage hooks
+        "checkpoint_seconds": st.checkpoint_seconds,
+        "resumed_at_step": st.resumed_at_step,
+        "tokens_per_s": st.tokens_per_s,
+        "train_loss": st.train_loss,
+        "val_losses": st.val_losses,
+        "best_val_loss": st.best_val_loss,
+        "stopped_early": st.stopped_early,
+        "trainable_params": trainable,
+        "total_params": total,
+        "adapter_dir": str(out.adapter_dir.relative_to(run.run_dir)),
+        "adapter_bytes": adapters.dir_bytes(out.adapter_dir),
+        # What the evaluated model adds to its base: all stacked adapters, the combined
+        # one (merge_final), or nothing once merged into the weights (merge).
+        "serving_adapter_bytes": sum(adapters.dir_bytes(d) for d in out.serving_dirs),
+        "eval_seconds": latency["seconds"],
+        "eval_seconds_per_example": latency["seconds_per_example"],
+        "eval_tokens_per_s": latency["tokens_per_s"],
+    }
+    if out.merged_dir is not None:
+        stats["merged_adapter_dir"] = str(out.merged_dir.relative_to(run.run_dir))
+        stats["merged_adapter_bytes"] = adapters.dir_bytes(out.merged_dir)
+    run.record.add_stage(stats)
+    _save_boundary(run)
+    checkpoints.clear()
+
+
+def _finish(run: _Run) -> Results:
+    if run.dist.is_main:
+        merged = adapters.finish_run(run.model, run.config.adapter, run.run_dir, run.tokenizer)
+        if merged is not None:
+            run.record.data["merged_model_dir"] = str(merged.relative_to(run.run_dir))
+        run.record.finish(peak_memory_mb(run.device))
+        shutil.rmtree(run.run_dir / "resume", ignore_errors=True)  # a finished run needs no resume state
+    run.dist.barrier()
+    return Results(run.run_dir, run.record.data, run.model)
+
+
+def _run_stages(run: _Run) -> Results:
+    for i in range(run.record.stages_done, len(run.scenario.stages)):
+        _train_stage(run, i)
+    return _finish(run)
+
+
+def run(config: RunConfig, progress: bool = True) -> Results:
+    """Train and evaluate ``config``'s scenario stage by stage in a new run directory."""
+    run = _setup(config, progress)
+    # Every process must agree on the directory: the first picks it.
+    run_dir = run.dist.broadcast(str(_unique_dir(Path(config.output_dir), config.run_name())))
+    run.record = RunRecord.start(
+        Path(run_dir),
+        config=config,
+        scenario=run.scenario,
+        precision=run.precision,
+        device=run.device,
+        world=run.dist.world,
+    )
+    if run.dist.is_main:
+        run.run_dir.mkdir(parents=True)
+        resolved = to_dict(config)
+        # Defaults included, so a finished run is not reused (compare) once a strategy's default changes.
+        from continual_ft.strategies import settings
+
+        resolved["strategy_settings"] = settings(run.strategies)
+        resolved["resolved"] = {
+            "precision": run.precision,
+            "device": str(run.device),
+            "scenario_file": run.scenario.source_file,
+        }
+        write_yaml(run.run_dir / "config.yaml", resolved)
+    _evaluate(run, "before training")
+    _save_boundary(run)
+    return _run_stages(run)
+
+
+#: What ``resume --set`` may change: training settings that do not change what the run is.
+RESUME_SETTABLE = ("train.lr", "train.max_grad_norm", "train.checkpoint_every", "train.checkpoint_minutes")
+
+
+def load_config(run_dir: Path, changes: list[str] = ()) -> RunConfig:
+    """The configuration a run was made with (its ``config.yaml``), with ``changes`` from ``RESUME_SETTABLE``."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ContinualFTError(f"{run_dir}: no config.yaml; not a continual-ft run directory")
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ContinualFTError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(saved, dict):
+        raise ContinualFTError(f"{path}: not a continual-ft config")
+    saved = {k: v for k, v in saved.items() if k not in ("strategy_settings", "resolved")}
+    for item in changes:
+        key, _, value = item.partition("=")
+        if key not in RESUME_SETTABLE or not value:
+            raise ContinualFTError(f"resume --set takes {', '.join(k + '=...' for k in RESUME_SETTABLE)}; got {item!r}")
+        section, name = key.split(".")
+        saved.setdefault(section, {})[name] = yaml.safe_load(value)
+    return make_config(saved)
+
+
+def resume(run_dir: Path, progress: bool = True, changes: list[str] = ()) -> Results:
+    """Go on with the interrupted run in ``run_dir``, in the same directory, from its last checkpoint.
+
+    ``changes`` (``train.lr=1e-4``, ...) apply from here on and are recorded; without them the run
+    ends exactly as the uninterrupted one would have.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not (run_dir / "results.json").is_file():
+        raise ContinualFTError(f"{run_dir}: not a run directory (no results.json)")
+    config = load_config(run_dir, changes)
+    previous = load_results(run_dir)
+    if previous.get("complete"):
+        return Results(run_dir, previous)
+    run = _setup(config, progress)
+    done = len(previous.get("stage_stats", []))
+    boundary = load_boundary(run_dir, done)
+    if boundary is None:
+        raise ContinualFTError(f"{run_dir}: no checkpoint after stage {done} (resume/stage{done}); cannot resume")
+    position = StepCheckpoints.position(run_dir)
+    where = f"stage {done + 1}" + (f", step {position[1]}" if position and position[0] == done else "")
+    record = RunRecord.load(run_dir, where)
+    if changes:
+        record.data.setdefault("resume_changes", []).append({"part": len(record.data["parts"]), "set": list(changes)})
+    run.record, run.resume_stage = record, done
+    run.model = adapters.restore(run.model, config.adapter, done, run_dir, config.lora)
+    if done:
+        path = run_dir / "strategy_state" / f"stage{done}"
+        state = load_tree(path) if path.is_dir() else {}
+        for s in run.strategies:
+            if s.name in state:
+                s.load_state_dict(state[s.name])
+    set_rng_state(boundary["rng"])
+    run.log(f"[resume] {run_dir}: {done} of {len(run.scenario.stages)} stages done, going on at {where}")
+    return _run_stages(run)
 
 
 def report(results: Results) -> str:
     """The end-of-run text: the R table and the metrics, primary metric first."""
-    d = results.data
-    out = []
-    for m in [d["primary_metric"]] + [m for m in d["R"] if m != d["primary_metric"]]:
-        out += [format_matrix(d, m), format_metrics(d, m), ""]
-    out.append(f"run time {d['total_seconds']:.0f}s, peak memory {d['peak_memory_mb']:.0f} MB → {results.run_dir}")
-    return "\n".join(out)
+    return RunRecord(results.run_dir, results.data).report()

@@ -1,9 +1,19 @@
-"""One stage of training, read top to bottom: batches, loss, penalties, step, validate.
+"""One stage of training, read top to bottom: batches, loss, penalties, step, checkpoint, validate.
 
 The loss is the summed cross-entropy over answer tokens divided by the answer-token count
 of the whole optimizer step (torchtune's normalisation), so gradient accumulation changes
 nothing but memory. Each strategy's penalty is added per micro-batch, weighted by that
 micro-batch's share of the step's answer tokens.
+
+Several processes (:mod:`continual_ft.distributed`): every process draws the same global batches
+(``batch_size × processes`` examples, the same stream one process would draw) and trains on its
+strided share; the divisor is the step's answer-token count over all processes, times the number
+of processes because DDP averages gradients. A step then computes the gradient one process would
+compute on the whole global batch, up to the order of floating-point sums.
+
+Resuming: :class:`~continual_ft.checkpoint.StepCheckpoints` saves the trainable weights, optimizer,
+scheduler, RNG states and the number of micro-batches drawn; a resumed stage reloads them and
+skips that many micro-batches of the same seeded stream, so it goes on exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -19,11 +29,27 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from continual_ft.batching import Encoder, collate, length_grouped_batches, to_device, token_loss
+from continual_ft.batching import Encoded, Encoder, collate, length_grouped_batches, to_device
+from continual_ft.checkpoint import StepCheckpoints, rng_state, set_rng_state
 from continual_ft.config import TrainConfig
 from continual_ft.data import Example
+from continual_ft.errors import ContinualFTError
+from continual_ft.losses import token_loss
+from continual_ft.stage import total_penalty
 
-__all__ = ["StageStats", "train_stage", "backward_step", "resolve_precision", "autocast_for", "validation_loss"]
+__all__ = [
+    "StageStats",
+    "NonFiniteLoss",
+    "train_stage",
+    "backward_step",
+    "resolve_precision",
+    "autocast_for",
+    "validation_loss",
+]
+
+
+class NonFiniteLoss(ContinualFTError):
+    """The loss became NaN or infinite: the stage stops before the optimizer takes the step."""
 
 
 @dataclass
@@ -35,6 +61,8 @@ class StageStats:
     val_losses: list[float] = field(default_factory=list)
     best_val_loss: float | None = None
     stopped_early: bool = False
+    checkpoint_seconds: float = 0.0  # writing in-stage checkpoints (not in `seconds`)
+    resumed_at_step: int | None = None  # the in-stage checkpoint this stage went on from
 
     @property
     def tokens_per_s(self) -> float:
@@ -65,45 +93,73 @@ def autocast_for(precision: str, device: torch.device) -> Callable:
     return nullcontext
 
 
-def _trainable(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
+def _shard(items: list[Encoded], dist) -> tuple[list[Encoded], bool]:
+    """This process's share of a global batch; a process left without rows trains on a zero-weight copy
+    of the first (DDP needs every process in every step). Returns (items, is_dummy)."""
+    if dist is None or dist.world == 1:
+        return items, False
+    mine = dist.shard(items)
+    return (mine, False) if mine else (items[:1], True)
+
+
+def _batch(items: list[Encoded], pad: int, device, dummy: bool = False) -> dict:
+    batch = collate(items, pad)
+    if dummy:
+        batch["labels"].fill_(-100)
+        batch["n_tokens"] = 0
+    return to_device(batch, device)
 
 
 @torch.no_grad()
-def validation_loss(model, encoder: Encoder, examples: Sequence[Example], batch_size: int, autocast) -> float:
+def validation_loss(
+    model, encoder: Encoder, examples: Sequence[Example], batch_size: int, autocast, dist=None
+) -> float:
+    """Mean answer-token loss over ``examples`` (each process scores its share of the batches)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    encoded = [encoder.encode(e) for e in examples]
-    for items in length_grouped_batches(encoded, batch_size, rng=None):
+    groups = list(length_grouped_batches([encoder.encode(e) for e in examples], batch_size, rng=None))
+    for items in dist.shard(groups) if dist is not None else groups:
         with autocast():
             loss, n, _ = token_loss(model, to_device(collate(items, encoder.tokenizer.pad_token_id), device))
         total, count = total + loss.item(), count + n
+    if dist is not None:
+        total, count = dist.sum(total), dist.sum(count)
     model.train(was_training)
     return total / max(count, 1)
 
 
 def backward_step(
-    model, micro: Sequence[dict], strategies: Sequence = (), autocast: Callable = nullcontext
+    model, micro: Sequence[dict], strategies: Sequence = (), autocast: Callable = nullcontext, dist=None
 ) -> tuple[float, int]:
     """Accumulate the gradients of one optimizer step over its micro-batches.
 
-    Returns the summed task loss and the answer-token count (for logging).
+    Returns the step's summed task loss and answer-token count, over all processes (for logging
+    and the NaN check, which every process must take alike). Strategies get the unwrapped model.
     """
     step_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
+    world = 1 if dist is None else dist.world
+    if world > 1:
+        step_tokens = dist.sum(step_tokens)
+    core = model if world == 1 else dist.unwrap(model)
     total = 0.0
-    for batch in micro:
-        with autocast():
-            summed, n, outputs = token_loss(model, batch)
-            loss = summed / step_tokens
-            for s in strategies:
-                extra = s.penalty(model, batch, outputs)
+    for j, batch in enumerate(micro):
+        # Only the step's last micro-batch all-reduces the gradients.
+        sync = dist.no_sync(model) if world > 1 and j < len(micro) - 1 else nullcontext()
+        with sync:
+            with autocast():
+                summed, n, outputs = token_loss(model, batch)
+                loss = summed * world / max(step_tokens, 1)
+                extra = total_penalty(strategies, core, batch, outputs)
                 if extra is not None:
-                    loss = loss + (n / step_tokens) * extra
-        loss.backward()
+                    loss = loss + (n * world / max(step_tokens, 1)) * extra
+            if world > 1:
+                dist.backward(loss)
+            else:
+                loss.backward()
         total += summed.item()
-    return total, step_tokens
+    return (dist.sum(total) if world > 1 else total), step_tokens
 
 
 def train_stage(
@@ -119,35 +175,73 @@ def train_stage(
     autocast: Callable = nullcontext,
     progress: bool = True,
     desc: str = "train",
+    checkpoints: StepCheckpoints | None = None,
+    dist=None,
 ) -> StageStats:
-    """Train ``model``'s trainable parameters on ``examples`` for one stage."""
+    """Train ``model``'s trainable parameters on ``examples`` for one stage.
+
+    With ``checkpoints``, saves the latest in-stage checkpoint as configured and, if one of this
+    stage exists already, goes on from it. Raises :class:`NonFiniteLoss` on a NaN or infinite loss.
+    """
     device = next(model.parameters()).device
     pad = encoder.tokenizer.pad_token_id
     encoded = [encoder.encode(e) for e in examples]
+    world = 1 if dist is None else dist.world
+    global_batch = cfg.batch_size * world
     rng = random.Random(seed)
-    batches_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
+    batches_per_epoch = math.ceil(len(encoded) / global_batch)
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(batches_per_epoch / cfg.grad_accum)
 
-    params = _trainable(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(
         cfg.schedule, optimizer, num_warmup_steps=min(cfg.warmup_steps, total_steps), num_training_steps=total_steps
     )
+    train_model = model
+    if world > 1:
+        train_model, optimizer = dist.prepare(model, optimizer)
 
     def micro_batches():
         while True:  # epochs, reshuffled each time; the step budget decides when to stop
-            yield from length_grouped_batches(encoded, cfg.batch_size, rng)
+            yield from length_grouped_batches(encoded, global_batch, rng)
 
     stats, stream = StageStats(), micro_batches()
-    best_state, bad_evals, loss_sum, loss_tokens = None, 0, 0.0, 0
+    best_state, bad_evals, loss_sum, loss_tokens, drawn, last_loss, done = None, 0, 0.0, 0, 0, None, 0.0
+    saved = checkpoints.load() if checkpoints is not None else None
+    if saved is not None:
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(saved["params"][n].to(p.device))
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        for _ in range(saved["drawn"]):
+            next(stream)
+        run = saved["run"]
+        stats.steps, stats.tokens, stats.val_losses = run["steps"], run["tokens"], run["val_losses"]
+        stats.best_val_loss, stats.resumed_at_step = run["best_val_loss"], run["steps"]
+        bad_evals, loss_sum, loss_tokens, drawn = run["bad_evals"], run["loss_sum"], run["loss_tokens"], saved["drawn"]
+        last_loss, done = run["last_loss"], run["seconds"]
+        best_state = saved.get("best_state")
+        set_rng_state(saved["rng"])
+
     model.train()
-    bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    start = time.perf_counter()
-    for step in range(1, total_steps + 1):
-        micro = [to_device(collate(next(stream), pad), device) for _ in range(cfg.grad_accum)]
-        summed, n = backward_step(model, micro, strategies, autocast)
+    bar = tqdm(total=total_steps, initial=stats.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    start = time.perf_counter() - done
+    for step in range(stats.steps + 1, total_steps + 1):
+        micro = []
+        for _ in range(cfg.grad_accum):
+            items, dummy = _shard(next(stream), dist)
+            micro.append(_batch(items, pad, device, dummy))
+        drawn += cfg.grad_accum
+        summed, n = backward_step(train_model, micro, strategies, autocast, dist)
+        if not math.isfinite(summed):
+            before = "no finite loss before it" if last_loss is None else f"the last finite loss was {last_loss:.4f}"
+            raise NonFiniteLoss(f"{desc}, step {step}: the loss is {summed / max(n, 1)} ({before})")
+        last_loss = summed / max(n, 1)
         loss_sum, loss_tokens = loss_sum + summed, loss_tokens + n
-        stats.tokens += sum(b["n_tokens"] for b in micro)
+        local_tokens = sum(b["n_tokens"] for b in micro)
+        stats.tokens += dist.sum(local_tokens) if world > 1 else local_tokens
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -160,7 +254,7 @@ def train_stage(
 
         if cfg.eval_every and step % cfg.eval_every == 0 and validation:
             paused = time.perf_counter()
-            val = validation_loss(model, encoder, validation, cfg.batch_size, autocast)
+            val = validation_loss(model, encoder, validation, cfg.batch_size, autocast, dist)
             stats.val_losses.append(val)
             if stats.best_val_loss is None or val < stats.best_val_loss:
                 stats.best_val_loss, bad_evals = val, 0
@@ -171,12 +265,38 @@ def train_stage(
             if cfg.patience and bad_evals >= cfg.patience:
                 stats.stopped_early = True
                 break
+        if checkpoints is not None and step < total_steps and checkpoints.due(step):
+            paused = time.perf_counter()
+            run = {
+                "steps": step,
+                "tokens": stats.tokens,
+                "val_losses": stats.val_losses,
+                "best_val_loss": stats.best_val_loss,
+                "bad_evals": bad_evals,
+                "loss_sum": loss_sum,
+                "loss_tokens": loss_tokens,
+                "last_loss": last_loss,
+                "seconds": paused - start,
+            }
+            checkpoints.save(
+                {
+                    "params": {n: p.detach() for n, p in named},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "drawn": drawn,
+                    "rng": rng_state(),
+                    "run": run,
+                    "best_state": best_state,
+                }
+            )
+            start += time.perf_counter() - paused  # checkpoint time is reported apart (StageStats.checkpoint_seconds)
+            stats.checkpoint_seconds += time.perf_counter() - paused
     stats.seconds = time.perf_counter() - start
     bar.close()
     stats.train_loss = loss_sum / max(loss_tokens, 1)
 
     if validation:
-        final = validation_loss(model, encoder, validation, cfg.batch_size, autocast)
+        final = validation_loss(model, encoder, validation, cfg.batch_size, autocast, dist)
         if best_state is not None and final > stats.best_val_loss:
             with torch.no_grad():  # early stopping keeps the best weights seen, as HF's load_best_model_at_end
                 for p, best in zip(params, best_state):

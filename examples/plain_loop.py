@@ -5,6 +5,8 @@
 Each stage: the strategies pick the training data (replay mixes in its buffer), the loop trains
 the LoRA adapter with the task loss plus every strategy's penalty (EWC's), the strategies update
 after the stage (replay fills its buffer, EWC estimates its Fisher), and every task is scored.
+``run_stage`` calls the hooks in that order around ``train``, the loop below: the same protocol
+our trainer and the HF Trainer integration use.
 Prints the accuracy matrix R: row "after s" = accuracy on each task after training stage s.
 """
 
@@ -16,14 +18,16 @@ import random
 import torch
 
 from continual_ft.adapters import start_stage
-from continual_ft.batching import Encoder, collate, length_grouped_batches, mean_token_loss, to_device, token_loss
+from continual_ft.batching import Encoder, collate, length_grouped_batches, to_device
 from continual_ft.config import LoraConfig
 from continual_ft.evaluation import evaluate_task
+from continual_ft.losses import token_loss
 from continual_ft.metrics import summary
 from continual_ft.models import load_model
 from continual_ft.results import format_matrix, format_metrics
 from continual_ft.scenario import load_scenario
-from continual_ft.strategies import EWC, EWCConfig, Replay, ReplayConfig, StageInfo
+from continual_ft.stage import Batches, run_stage, stage_info, total_penalty
+from continual_ft.strategies import EWC, EWCConfig, Replay, ReplayConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,10 +58,7 @@ def main(argv=None) -> list[list[float]]:
         EWC(EWCConfig(lam=args.ewc_lam, fisher_batches=4, seed=args.seed)),
     ]
 
-    def batches(examples):  # what a strategy uses to run the model over a stage's data (EWC's Fisher)
-        encoded = [encoder.encode(e) for e in examples]
-        for items in length_grouped_batches(encoded, args.batch_size, rng=None):
-            yield to_device(collate(items, pad), device)
+    batches = Batches(encoder, args.batch_size, device)  # how a strategy runs the model over data (EWC's Fisher)
 
     tasks = list(scenario.tasks)
     rows, R = [], []
@@ -70,37 +71,31 @@ def main(argv=None) -> list[list[float]]:
     for i, stage_def in enumerate(scenario.stages):
         own = [ex for t in stage_def.tasks for ex in scenario.tasks[t].train]
         final = i == len(scenario.stages) - 1  # EWC skips the Fisher no later stage would use
-        stage = StageInfo(i, list(stage_def.tasks), own, batches=batches, loss_fn=mean_token_loss, final=final)
-        examples = own
-        for s in strategies:
-            examples = s.train_data(stage, examples)
+        stage = stage_info(i, stage_def.tasks, own, batches, final=final)
         model = start_stage(model, "continue", i, LoraConfig(r=8, alpha=16))
-        for s in strategies:
-            s.before_stage(model, stage)
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=args.lr)
-        encoded = [encoder.encode(e) for e in examples]
-        rng = random.Random(args.seed + i)
-        model.train()
-        for _ in range(args.epochs):
-            for items in length_grouped_batches(encoded, args.batch_size, rng):
-                batch = to_device(collate(items, pad), device)
-                summed, n, outputs = token_loss(model, batch)
-                loss = summed / n
-                for s in strategies:
-                    extra = s.penalty(model, batch, outputs)
+        def train(examples, i=i, model=model):
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=args.lr)
+            encoded = [encoder.encode(e) for e in examples]
+            rng = random.Random(args.seed + i)
+            model.train()
+            for _ in range(args.epochs):
+                for items in length_grouped_batches(encoded, args.batch_size, rng):
+                    batch = to_device(collate(items, pad), device)
+                    summed, n, outputs = token_loss(model, batch)
+                    loss = summed / n
+                    extra = total_penalty(strategies, model, batch, outputs)
                     if extra is not None:
                         loss = loss + extra
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
 
-        for s in strategies:
-            s.after_stage(model, stage)
+        done = run_stage(model, stage, strategies, train)
         evaluate(f"after {stage_def.name}")
-        print(f"stage {i + 1} ({stage_def.name}): trained on {len(examples)} examples ({len(own)} own)", flush=True)
+        print(f"stage {i + 1} ({stage_def.name}): trained on {done.examples} examples ({len(own)} own)", flush=True)
 
     first = [next(i + 1 for i, st in enumerate(scenario.stages) if t in st.tasks) for t in tasks]
     results = {

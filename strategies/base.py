@@ -40,6 +40,9 @@ class StageInfo:
     batches: Callable[[list[Example]], Iterable[dict]] = field(repr=False)  # examples -> tokenized batches
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] = field(repr=False)  # mean answer-token loss of a batch
     final: bool = False  # no stage follows in this run: work only later stages use (EWC's Fisher) can be skipped
+    # Sums a tensor over the processes of a multi-process run (identity in one process): a strategy
+    # that accumulates over ``batches`` (each process gets its share of them) totals it with this.
+    sum_across: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t, repr=False)
 
 
 class Strategy:

@@ -76,7 +76,7 @@ class EWC(Strategy):
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         examples = stage.examples
         first = next(iter(stage.batches(examples)), None)
-        if first is None:
+        if first is None or not params:
             return {}
         subset = random.Random(f"{self.config.seed}:{stage.index}").sample(
             examples, min(len(examples), self.config.fisher_batches * len(first["tasks"]))
@@ -97,7 +97,9 @@ class EWC(Strategy):
         for p in params.values():
             p.grad = None
         model.train(was_training)
-        fisher = {n: (f / max(count, 1)).cpu() for n, f in fisher.items()}
+        # Several processes: each ran its share of the batches; the Fisher is the mean over all of them.
+        count = int(stage.sum_across(torch.tensor(float(count), device=next(iter(fisher.values())).device)))
+        fisher = {n: (stage.sum_across(f) / max(count, 1)).cpu() for n, f in fisher.items()}
         top = max((float(f.max()) for f in fisher.values()), default=0.0)
         if self.config.normalize and top > 0:
             fisher = {n: f / top for n, f in fisher.items()}

@@ -8,6 +8,7 @@ which swaps parameters in for the call and back after, touching no tensor in pla
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -15,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from continual_ft.batching import model_inputs, select_rows, spread_rows
 from continual_ft.errors import ContinualFTError
+from continual_ft.losses import model_inputs
 from continual_ft.strategies.base import StageInfo, Strategy
 
 __all__ = ["LwF", "LwFConfig"]
@@ -38,6 +39,29 @@ class LwFConfig:
             raise ContinualFTError(f"lwf.temperature must be > 0, got {self.temperature}")
         if not 0 < self.fraction <= 1:
             raise ContinualFTError(f"lwf.fraction must be in (0, 1], got {self.fraction}")
+
+
+def spread_rows(n: int, fraction: float) -> torch.Tensor:
+    """Indices of ``ceil(fraction · n)`` of ``n`` rows, evenly spaced (first and last included)."""
+    k = max(1, math.ceil(fraction * n - 1e-9))
+    return torch.linspace(0, n - 1, k).round().long()
+
+
+def select_rows(batch: dict, rows: torch.Tensor) -> dict:
+    """The sub-batch of ``rows`` of a :func:`collate` batch, without the columns that are padding in all of them."""
+    if len(rows) == len(batch["tasks"]):
+        return batch
+    device = batch["input_ids"].device
+    idx = rows.to(device)
+    attention = batch["attention_mask"][idx]
+    start = int((attention.sum(0) > 0).int().argmax())  # left padding: the first column any row uses
+    start = min(start, attention.shape[1] - batch["logits_to_keep"])  # keep the answer window whole
+    sub = {k: batch[k][idx][:, start:] for k in ("input_ids", "attention_mask", "position_ids")}
+    sub["labels"] = batch["labels"][idx.to(batch["labels"].device)]
+    sub["logits_to_keep"] = batch["logits_to_keep"]
+    sub["tasks"] = [batch["tasks"][i] for i in rows.tolist()]
+    sub["n_tokens"] = int(sub["attention_mask"].sum())
+    return sub
 
 
 class LwF(Strategy):

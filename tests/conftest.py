@@ -1,6 +1,6 @@
 """Shared test helpers: a tiny LoRA model, toy examples and a real ``StageInfo`` for strategy tests.
 
-``make_stage`` builds ``batches``/``loss_fn`` exactly as ``continual_ft.runner.run`` does, so a
+``make_stage`` builds ``batches``/``loss_fn`` with ``continual_ft.stage``, as the runner does, so a
 strategy tested here sees the same batches it sees in a run.
 """
 
@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from continual_ft.adapters import start_stage
-from continual_ft.batching import Encoder, collate, length_grouped_batches, mean_token_loss, to_device
+from continual_ft.batching import Encoder
 from continual_ft.config import LoraConfig
 from continual_ft.data import Example
 from continual_ft.models import load_model
+from continual_ft.stage import Batches, stage_info
 from continual_ft.strategies import StageInfo
 
 DEFAULT_LABELS = ("yes", "no")
@@ -34,15 +35,8 @@ def make_stage(
 ) -> StageInfo:
     """A ``StageInfo`` over ``examples`` with the runner's real ``batches`` and ``loss_fn`` (fp32, model's device)."""
     encoder = Encoder(tokenizer, max_length, chat_template=False)
-    device = next(model.parameters()).device
-
-    def batches(exs):
-        encoded = [encoder.encode(e) for e in exs]
-        for items in length_grouped_batches(encoded, batch_size, rng=None):
-            yield to_device(collate(items, tokenizer.pad_token_id), device)
-
-    tasks = list(dict.fromkeys(e.task for e in examples))
-    return StageInfo(index=index, tasks=tasks, examples=list(examples), batches=batches, loss_fn=mean_token_loss)
+    batches = Batches(encoder, batch_size, next(model.parameters()).device)
+    return stage_info(index, list(dict.fromkeys(e.task for e in examples)), examples, batches)
 
 
 @pytest.fixture

@@ -129,9 +129,9 @@ def test_grid_names_are_distinct_and_lists_stay_whole():
         ["model=tiny", "train.lr=1e-3,2e-3", "lora.target_modules=[q_proj,v_proj]", "adapter=stack,merge_final"],
         tuple(STRATEGIES),
     )
-    names = [c.name for c in configs]
+    names = [c.name for c, _ in configs]
     assert len(set(names)) == 4 and "legal_then_medical-naive-merge_final-cat-lr2e-3" in names
-    assert all(c.lora.target_modules == ["q_proj", "v_proj"] for c in configs)
+    assert all(c.lora.target_modules == ["q_proj", "v_proj"] for c, _ in configs)
     with pytest.raises(ContinualFTError, match="unknown strategy 'nope'"):
         grid_configs(["strategy=naive,nope"], tuple(STRATEGIES))
 

@@ -1,11 +1,17 @@
 """Data sources: the built-in corpora split by group, user files in four formats, and their errors."""
 
+import ast
 import collections
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from continual_ft._spec import OPTIONS
 from continual_ft.data import SOURCES, SPLITS, TaskSpec, build_task, icd10_chapter, split_of
 from continual_ft.errors import ContinualFTError
 
@@ -18,11 +24,32 @@ def all_examples(task):
     return task.train + task.validation + task.test
 
 
-BIG = {"train": 100_000, "validation": 100_000, "test": 100_000}
-
-
 def test_sources_registry():
     assert set(SOURCES) == {"licenses", "icd10", "jsonl", "csv", "parquet", "hf"}
+    assert list(SOURCES) == list(OPTIONS)  # a TaskSpec checks its source against OPTIONS
+
+
+def imported(module: str) -> set[str]:
+    """Every module name an import statement in ``module``'s file mentions, ``if TYPE_CHECKING:`` blocks included."""
+    names = set()
+    for node in ast.walk(ast.parse(Path(importlib.util.find_spec(module).origin).read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the package
+                base = ".".join(module.split(".")[: -node.level] + ([base] if base else []))
+            names |= {base} | {f"{base}.{a.name}" for a in node.names}  # `from pkg import mod` names a module
+    return names
+
+
+def test_loaders_never_import_the_module_that_registers_them():
+    assert not imported("continual_ft._sources") & {"continual_ft.data", "continual_ft.scenario"}
+    assert not imported("continual_ft._spec") & {"continual_ft.data", "continual_ft._sources", "continual_ft.scenario"}
+    # Imported first in a fresh process, the loaders come up on their own (an import circle would fail here).
+    code = "import continual_ft._sources as s, continual_ft.data as d; assert d.SOURCES['jsonl'] is s.load_jsonl"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_split_of_is_stable_and_near_fractions():
@@ -36,7 +63,7 @@ def test_split_of_is_stable_and_near_fractions():
 
 @pytest.fixture(scope="module")
 def licenses():
-    return build_task(TaskSpec(name="legal", source="licenses", sizes=BIG, balance=False))
+    return build_task(TaskSpec(name="legal", source="licenses"), sample=False)
 
 
 def test_licenses_split_by_license_key(licenses):
@@ -63,10 +90,9 @@ def test_licenses_options_and_label_filter():
         name="l",
         source="licenses",
         labels=["Copyleft", "Commercial"],
-        sizes=BIG,
         options={"max_chars": 120, "max_per_group": 1},
     )
-    task = build_task(spec)
+    task = build_task(spec, sample=False)
     examples = all_examples(task)
     assert {e.answer for e in examples} == {"Copyleft", "Commercial"}
     assert all(len(e.prompt) <= 120 + len("\n\nAnswer:") for e in examples)
@@ -99,7 +125,7 @@ def test_icd10_chapter_by_hand(code, chapter):
 
 @pytest.fixture(scope="module")
 def icd10():
-    return build_task(TaskSpec(name="medical", source="icd10", sizes=BIG, balance=False))
+    return build_task(TaskSpec(name="medical", source="icd10"), sample=False)
 
 
 def test_icd10_split_by_category_and_answers_match_range(icd10):
@@ -117,12 +143,10 @@ def test_icd10_known_code_lands_with_its_chapter():
         name="m",
         source="icd10",
         prompt="{code}|{text}",
-        sizes=BIG,
-        balance=False,
         options={"max_per_group": 10_000},
         labels=["circulatory", "injury", "infectious"],
     )
-    by_code = {e.prompt.split("|")[0]: e for e in all_examples(build_task(spec))}
+    by_code = {e.prompt.split("|")[0]: e for e in all_examples(build_task(spec, sample=False))}
     assert by_code["A000"].answer == "infectious" and by_code["A000"].prompt.endswith("biovar cholerae")
     assert by_code["I10"].answer == "circulatory" and by_code["I10"].group == "I10"
     assert by_code["S72001A"].answer == "injury" and by_code["S72001A"].group == "S72"
@@ -173,7 +197,7 @@ def test_user_file_split_by_group_field(tmp_path, source):
         pd.DataFrame(ROWS).to_csv(tmp_path / name, index=False)
     else:
         pd.DataFrame(ROWS).to_parquet(tmp_path / name)
-    task = build_task(user_spec(tmp_path, source, path=name, group_field="topic", sizes=BIG))
+    task = build_task(user_spec(tmp_path, source, path=name, group_field="topic"), sample=False)
     assert task.labels == ["no", "yes"]  # sorted set when `labels:` is omitted
     assert sum(len(getattr(task, s)) for s in SPLITS) == 200
     assert not groups(task, "train") & groups(task, "test")
@@ -193,7 +217,7 @@ def test_row_groups_do_not_depend_on_the_folder(tmp_path):
 def test_pre_split_files_and_row_groups(tmp_path):
     write_jsonl(tmp_path / "tr.jsonl", ROWS[:150])
     write_jsonl(tmp_path / "te.jsonl", ROWS[150:])
-    task = build_task(user_spec(tmp_path, "jsonl", files={"train": "tr.jsonl", "test": "te.jsonl"}, sizes=BIG))
+    task = build_task(user_spec(tmp_path, "jsonl", files={"train": "tr.jsonl", "test": "te.jsonl"}), sample=False)
     assert len(task.train) == 150 and len(task.test) == 50 and task.validation == []
     assert all(e.group.endswith(f"line {int(e.prompt.split()[2]) + 1}") for e in task.train)  # each row its own group
 
@@ -203,14 +227,14 @@ def test_hf_from_disk_and_dataset_name(tmp_path, monkeypatch):
 
     ds = datasets.Dataset.from_dict({k: [r[k] for r in ROWS] for k in ROWS[0]})
     ds.save_to_disk(str(tmp_path / "hfdata"))
-    task = build_task(user_spec(tmp_path, "hf", path="hfdata", group_field="topic", labels=["yes", "no"], sizes=BIG))
+    task = build_task(user_spec(tmp_path, "hf", path="hfdata", group_field="topic", labels=["yes", "no"]), sample=False)
     assert task.labels == ["yes", "no"] and len(all_examples(task)) == 200
     assert not groups(task, "train") & groups(task, "test")
 
     datasets.DatasetDict({"train": ds.select(range(150)), "test": ds.select(range(150, 200))}).save_to_disk(
         str(tmp_path / "hfdict")
     )
-    task = build_task(user_spec(tmp_path, "hf", path="hfdict", splits={"train": "train", "test": "test"}, sizes=BIG))
+    task = build_task(user_spec(tmp_path, "hf", path="hfdict", splits={"train": "train", "test": "test"}), sample=False)
     assert (len(task.train), len(task.test)) == (150, 50)
 
     calls = []
@@ -220,6 +244,39 @@ def test_hf_from_disk_and_dataset_name(tmp_path, monkeypatch):
 
 
 # ---- errors -------------------------------------------------------------------------------------
+
+
+def test_asking_for_more_than_a_split_holds_is_one_line(tmp_path):
+    write_jsonl(tmp_path / "product.jsonl", ROWS[:20])  # one group per row: 15 train, 1 validation, 4 test
+    spec = dict(name="product", source="jsonl", path="product.jsonl", text_field="q", label_field="y", prompt="{text}")
+    everything = build_task(TaskSpec(**spec, base_dir=str(tmp_path)), sample=False)
+    held = {s: len(getattr(everything, s)) for s in SPLITS}
+    assert held == {"train": 15, "validation": 1, "test": 4}
+    defaults = build_task(TaskSpec(**spec, base_dir=str(tmp_path)))  # 500/64/150 are "up to": they take what there is
+    assert {s: len(getattr(defaults, s)) for s in SPLITS} == held
+    exact = build_task(TaskSpec(**spec, base_dir=str(tmp_path), sizes=held))
+    assert {s: len(getattr(exact, s)) for s in SPLITS} == held
+    with pytest.raises(ContinualFTError) as e:
+        build_task(TaskSpec(**spec, base_dir=str(tmp_path), sizes={"train": 500}))
+    assert str(e.value) == (
+        "task 'product': sizes.train=500 but the data holds only 15 train examples "
+        "(of 20 in all, split 70/10/20 by group into train/validation/test)"
+    )
+    with pytest.raises(ContinualFTError, match=r"^task 'product': sizes.validation=2 but the data holds only 1 "):
+        build_task(TaskSpec(**spec, base_dir=str(tmp_path), sizes={"validation": 2}))
+
+
+def test_asking_for_more_than_a_pre_split_file_holds(tmp_path):
+    write_jsonl(tmp_path / "tr.jsonl", ROWS[:15])
+    write_jsonl(tmp_path / "te.jsonl", ROWS[15:20])
+    spec = user_spec(tmp_path, "jsonl", files={"train": "tr.jsonl", "test": "te.jsonl"}, sizes={"validation": 8})
+    with pytest.raises(ContinualFTError) as e:
+        build_task(spec)
+    assert str(e.value) == (
+        "task 'qa': sizes.validation=8 but the data holds only 0 validation examples "
+        "(pre-split: 15/0/5 in train/validation/test)"
+    )
+    assert "\n" not in str(e.value)
 
 
 def test_hf_load_failure_is_one_line(tmp_path, monkeypatch):

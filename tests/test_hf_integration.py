@@ -5,9 +5,10 @@ import torch
 from conftest import make_examples
 
 from continual_ft.adapters import start_stage
-from continual_ft.batching import Encoder, mean_token_loss
+from continual_ft.batching import Encoder
 from continual_ft.config import LoraConfig
 from continual_ft.hf import Collator, ContinualTrainer, ExampleDataset, stage_info, train_stage_hf
+from continual_ft.losses import mean_token_loss
 from continual_ft.models import load_model
 from continual_ft.strategies import Strategy
 from continual_ft.strategies.lwf import LwF

@@ -8,12 +8,12 @@ from conftest import make_examples, make_stage
 from peft.tuners.lora import LoraLayer
 
 from continual_ft.adapters import start_stage
-from continual_ft.batching import model_inputs, select_rows, spread_rows, token_loss
 from continual_ft.config import LoraConfig, make_config
 from continual_ft.errors import ContinualFTError
+from continual_ft.losses import model_inputs, token_loss
 from continual_ft.runner import run
 from continual_ft.strategies import STRATEGIES
-from continual_ft.strategies.lwf import LwF, LwFConfig
+from continual_ft.strategies.lwf import LwF, LwFConfig, select_rows, spread_rows
 from continual_ft.strategies.olora import OLoRA, OLoRAConfig
 
 

@@ -6,6 +6,7 @@ import textwrap
 import pandas as pd
 import pytest
 
+from continual_ft.config import make_config
 from continual_ft.errors import ContinualFTError
 from continual_ft.scenario import METRICS, Scenario, list_scenarios, load_scenario, scenario_files
 
@@ -17,17 +18,18 @@ def test_shipped_scenarios_listed():
     assert all(list_scenarios().values())
 
 
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_scenario_loads(name):
+def test_shipped_scenario_loads(name, quick):
     first_line = scenario_files()[name].read_text().splitlines()[0]
     assert first_line.startswith(f"# python cli.py run scenario={name}")
-    s = load_scenario(name, quick=True)
+    s = load_scenario(name, quick=quick)
     assert isinstance(s, Scenario) and s.name == name and s.metric in METRICS
     assert s.source_file.endswith(f"{name}.yaml")
     assert set(s.tasks) == {"legal", "medical"}
     assert {t for stage in s.stages for t in stage.tasks} == set(s.tasks)
     for task in s.tasks.values():
-        assert (len(task.train), len(task.validation), len(task.test)) == (48, 16, 32)
+        assert (len(task.train), len(task.validation), len(task.test)) == ((48, 16, 32) if quick else (600, 64, 150))
         for e in task.train + task.validation + task.test:
             assert e.answer in task.labels and e.task == task.name
             assert e.prompt.endswith("\n\nAnswer:") and ", ".join(task.labels) in e.prompt
@@ -54,6 +56,16 @@ def test_same_seed_same_examples_and_sizes_override():
     d = load_scenario("medical_then_legal", quick=True, sizes={"train": 10})
     assert [len(t.train) for t in d.tasks.values()] == [10, 10]
     assert [len(t.test) for t in d.tasks.values()] == [32, 32]
+
+
+def test_readme_size_overrides_load():
+    # README: S="scenario=medical_then_legal data.train_size=300 data.test_size=100 train.lr=2e-3"
+    sizes = make_config(["scenario=medical_then_legal", "data.train_size=300", "data.test_size=100"]).data.sizes()
+    s = load_scenario("medical_then_legal", sizes=sizes)
+    assert {k: (len(t.train), len(t.validation), len(t.test)) for k, t in s.tasks.items()} == {
+        "medical": (300, 64, 100),
+        "legal": (300, 64, 100),
+    }
 
 
 def write(tmp_path, text, name="my.yaml"):
@@ -172,3 +184,12 @@ def test_unknown_name_quick_without_sizes_and_bad_override(tmp_path):
         load_scenario("legal_then_medical", sizes={"test": 0})
     with pytest.raises(ContinualFTError, match=r"cannot read scenario file"):
         load_scenario(str(tmp_path))
+
+
+def test_sizes_beyond_the_data_name_the_task(tmp_path):
+    (tmp_path / "d.jsonl").write_text("".join(f'{{"text": "hi {i}", "label": "a"}}\n' for i in range(20)))
+    path = write(tmp_path, TASK + "quick: {train: 500}\n")
+    load_scenario(path)  # the default sizes take what there is
+    for kw in ({"quick": True}, {"sizes": {"train": 500}}):  # quick: sizes and data.train_size= both ask
+        with pytest.raises(ContinualFTError, match=r"^task 'qa': sizes.train=500 but the data holds only 15 train "):
+            load_scenario(path, **kw)

@@ -13,6 +13,7 @@ from conftest import make_examples, make_stage
 from safetensors.torch import load_file
 from toy import write_toy_scenario
 
+from continual_ft._state import load_tree
 from continual_ft.adapters import start_stage
 from continual_ft.config import make_config
 from continual_ft.errors import ContinualFTError
@@ -91,9 +92,9 @@ def test_strategy_runs_and_trains_stage_two(name, scenario, tmp_path):
     assert any(not torch.equal(stage1[k], stage2[k]) for k in stage1)  # stage 2 moved the weights
     assert any(k for k in stage2 if "lora_B" in k and stage2[k].abs().sum() > 0)  # B starts at 0: it trained
 
-    saved = results.run_dir / "strategy_state" / "stage2.pt"
-    if saved.exists():  # what a resumed run would load restores the same state
-        state = torch.load(saved, weights_only=True)
+    saved = results.run_dir / "strategy_state" / "stage2"
+    if saved.is_dir():  # what a resumed run would load restores the same state (safetensors + JSON)
+        state = load_tree(saved)
         for s in build(name, strategy_args(name)):
             s.load_state_dict(state[s.name])
             assert states_equal(s.state_dict(), state[s.name])

@@ -1,0 +1,47 @@
+"""Every check of a run's configuration that needs more than one field: the one place ``run``,
+``resume`` and ``compare`` ask before anything is trained or written.
+
+A field's own range is checked by its dataclass (:mod:`continual_ft.config`); what is checked here
+is how fields, strategies and the scenario fit together, each failure one line naming the keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from continual_ft.adapters import ADAPTER_MODES
+from continual_ft.config import RunConfig
+from continual_ft.errors import ContinualFTError
+
+__all__ = ["check_config", "check_scenario"]
+
+
+def check_config(config: RunConfig) -> list:
+    """The run's strategy objects, once every setting has been checked against the others."""
+    from continual_ft.strategies import build
+
+    strategies = build(config.strategy, config.strategy_args)
+    if config.adapter not in ADAPTER_MODES:
+        raise ContinualFTError(f"unknown adapter {config.adapter!r}; choose from {', '.join(ADAPTER_MODES)}")
+    for s in strategies:
+        needs = getattr(s, "requires_adapter", None)  # e.g. O-LoRA needs a fresh adapter per stage
+        if needs and config.adapter not in needs:
+            raise ContinualFTError(f"strategy={s.name} needs adapter={' or '.join(needs)}, not {config.adapter}")
+    if config.quantize != "none" and config.model == "tiny":
+        raise ContinualFTError(
+            "quantize=nf4 loads a checkpoint in 4 bit; model=tiny is built in memory, use a directory"
+        )
+    if config.quantize != "none" and config.adapter == "merge":
+        raise ContinualFTError("adapter=merge would requantize the 4-bit base after every stage; use merge_final")
+    out = Path(config.output_dir)
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ContinualFTError(f"output_dir={config.output_dir}: {parent} is a file, not a directory")
+    return strategies
+
+
+def check_scenario(config: RunConfig, scenario) -> None:
+    """Settings that depend on the scenario's shape."""
+    n_weights = len(config.merge.weights)
+    if config.adapter == "merge_final" and n_weights and n_weights != len(scenario.stages):
+        raise ContinualFTError(f"merge.weights has {n_weights} values; the scenario has {len(scenario.stages)} stages")

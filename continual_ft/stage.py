@@ -1,0 +1,139 @@
+"""A stage of a continual run: what a strategy may see of it, and the one order its hooks run in.
+
+Every loop that trains a stage calls these, whatever does the training (our trainer, the HF
+``Trainer`` through :mod:`continual_ft.hf`, the hand-written loop in ``examples/plain_loop.py``)::
+
+    batches = Batches(encoder, batch_size=8, device=device, autocast=autocast)
+    stage = stage_info(i, tasks, own_examples, batches, final=i == last)
+    done = run_stage(model, stage, strategies, train)   # train(examples) does the optimizer steps
+    ...
+    loss = task_loss + total_penalty(strategies, model, batch, outputs)   # inside train, every micro-batch
+
+:func:`run_stage` is the protocol (Avalanche's ``BaseTemplate.train`` keeps it in one place too)::
+
+    examples = s.train_data(stage, examples)   for each strategy, in order (replay mixes in its buffer)
+    s.before_stage(model, stage)               for each strategy (LwF snapshots its teacher)
+    train(examples)
+    s.after_stage(model, stage)                for each strategy (EWC's Fisher, replay fills its buffer)
+
+The model must already carry the stage's adapter (:func:`continual_ft.adapters.start_stage`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import torch
+
+from continual_ft.batching import Encoder, collate, length_grouped_batches, to_device
+from continual_ft.data import Example
+from continual_ft.losses import mean_token_loss
+from continual_ft.strategies.base import StageInfo, Strategy
+
+__all__ = ["Batches", "StageRun", "stage_info", "run_stage", "total_penalty"]
+
+T = TypeVar("T")
+
+
+def _identity(x):
+    return x
+
+
+@dataclass
+class Batches:
+    """How a strategy runs the model over examples (EWC's Fisher): deterministic, length-sorted batches,
+    and their mean answer-token loss under ``autocast``.
+
+    ``device=None`` leaves batches on the CPU and moves each to the model's device in :meth:`loss`
+    (the HF ``Trainer`` places the model only when training starts). ``shard`` picks this process's
+    share of the batches when several processes train together (:mod:`continual_ft.distributed`).
+    """
+
+    encoder: Encoder
+    batch_size: int = 8
+    device: torch.device | None = None
+    autocast: Callable = nullcontext
+    shard: Callable[[list], list] = _identity
+
+    def __call__(self, examples: Sequence[Example]) -> Iterator[dict]:
+        encoded = [self.encoder.encode(e) for e in examples]
+        pad = self.encoder.tokenizer.pad_token_id
+        for items in self.shard(list(length_grouped_batches(encoded, self.batch_size, rng=None))):
+            batch = collate(items, pad)
+            yield batch if self.device is None else to_device(batch, self.device)
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        if self.device is None:
+            batch = to_device(batch, next(model.parameters()).device)
+        with self.autocast():
+            return mean_token_loss(model, batch)
+
+
+def stage_info(
+    index: int,
+    tasks: Sequence[str],
+    examples: Sequence[Example],
+    batches: Batches,
+    *,
+    final: bool = False,
+    sum_across: Callable[[torch.Tensor], torch.Tensor] = _identity,
+) -> StageInfo:
+    """The :class:`StageInfo` strategies see; ``sum_across`` sums a tensor over processes (identity in one)."""
+    return StageInfo(
+        index=index,
+        tasks=list(tasks),
+        examples=list(examples),
+        batches=batches,
+        loss_fn=batches.loss,
+        final=final,
+        sum_across=sum_across,
+    )
+
+
+def total_penalty(strategies: Sequence[Strategy], model, batch: dict, outputs) -> torch.Tensor | None:
+    """Σ_s penalty_s(model, batch, outputs) over the strategies that return one; None if none does."""
+    total = None
+    for s in strategies:
+        extra = s.penalty(model, batch, outputs)
+        if extra is not None:
+            total = extra if total is None else total + extra
+    return total
+
+
+@dataclass
+class StageRun(Generic[T]):
+    """What :func:`run_stage` hands back: the loop's own result and what the strategies cost."""
+
+    result: T
+    examples: int  # examples trained on, after every strategy's train_data
+    hook_seconds: float  # train_data, before_stage and after_stage together (EWC's Fisher pass is here)
+
+
+def run_stage(
+    model,
+    stage: StageInfo,
+    strategies: Sequence[Strategy],
+    train: Callable[[list[Example]], T],
+    examples: Sequence[Example] | None = None,
+) -> StageRun[T]:
+    """train_data → before_stage → ``train(examples)`` → after_stage, timing the hooks apart from training.
+
+    ``examples``: what the strategies' ``train_data`` starts from (default: the stage's own examples).
+    """
+    start = time.perf_counter()
+    examples = list(stage.examples if examples is None else examples)
+    for s in strategies:
+        examples = s.train_data(stage, examples)
+    for s in strategies:
+        s.before_stage(model, stage)
+    hooks = time.perf_counter() - start
+    result = train(examples)
+    start = time.perf_counter()
+    for s in strategies:
+        s.after_stage(model, stage)
+    hooks += time.perf_counter() - start
+    return StageRun(result, len(examples), hooks)
