@@ -16,7 +16,7 @@ import torch
 
 from continual_ft.data import Example
 
-__all__ = ["Encoded", "Encoder", "collate", "length_grouped_batches", "to_device"]
+__all__ = ["Encoded", "Encoder", "collate", "collate_packed", "length_grouped_batches", "to_device"]
 
 
 @dataclass(frozen=True)
@@ -94,24 +94,84 @@ def collate(items: Sequence[Encoded], pad_id: int) -> dict:
     }
 
 
+def collate_packed(items: Sequence[Encoded], pad_id: int = 0) -> dict:
+    """Pack encodings into one row, padding-free: positions restart at 0 for every example and there is
+    no attention mask, which transformers reads as packed sequences (a block-diagonal causal mask under
+    SDPA and eager attention, variable-length kernels under FlashAttention), so no example attends to another.
+
+    ``logits_to_keep`` is the tensor of positions whose next token is an answer token, plus the row's
+    last position, so the model projects only those onto the vocabulary and ``labels`` line up with
+    ``logits[:, :-1]`` exactly as for :func:`collate`.
+    """
+    ids, positions, keep, labels = [], [], [], []
+    for e in items:
+        start = len(ids)
+        seq = e.prompt_ids + e.answer_ids
+        ids += seq
+        positions += range(len(seq))
+        first = start + len(e.prompt_ids) - 1  # predicts the first answer token
+        keep += range(first, first + len(e.answer_ids))
+        labels += e.answer_ids
+    keep.append(len(ids) - 1)
+    return {
+        "input_ids": torch.tensor([ids]),
+        "position_ids": torch.tensor([positions]),
+        "labels": torch.tensor([labels]),
+        "logits_to_keep": torch.tensor(keep),
+        "tasks": [e.task for e in items],
+        "n_tokens": len(ids),
+        "packed": True,
+    }
+
+
+def _cost(lengths: Sequence[int], packed: bool) -> int:
+    """Tokens a micro-batch computes on: its real tokens when packed, rows × longest row when padded."""
+    return sum(lengths) if packed else len(lengths) * max(lengths)
+
+
+def _cut(order: list[int], items: Sequence[Encoded], batch_size: int, max_tokens: int, packed: bool) -> list:
+    """Consecutive batches of ``order``: ``batch_size`` each, or as many as fit in ``max_tokens``."""
+    if not max_tokens:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, current = [], []
+    for i in order:
+        if current and _cost([len(items[j]) for j in current] + [len(items[i])], packed) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)  # an example longer than the budget gets a batch of its own
+    return batches + ([current] if current else [])
+
+
 def length_grouped_batches(
-    items: Sequence[Encoded], batch_size: int, rng: random.Random | None, mega: int = 32
+    items: Sequence[Encoded],
+    batch_size: int,
+    rng: random.Random | None,
+    mega: int = 32,
+    *,
+    max_tokens: int = 0,
+    packed: bool = False,
 ) -> Iterator[list[Encoded]]:
     """Shuffle, then sort by length inside chunks of ``mega`` batches so padding stays small.
 
-    With ``rng=None`` the order is deterministic (sorted by length), as for evaluation.
+    ``max_tokens`` forms batches by a token budget instead of ``batch_size`` examples: padded rows ×
+    longest row, or the sum of lengths when the batch will be ``packed``. With ``rng=None`` the order
+    is deterministic (sorted by length), as for evaluation.
     """
     order = list(range(len(items)))
     if rng is None:
         order.sort(key=lambda i: len(items[i]))
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = _cut(order, items, batch_size, max_tokens, packed)
     else:
         rng.shuffle(order)
-        chunk = batch_size * mega
+        if max_tokens:  # chunks of about `mega` budgets' worth of examples
+            mean = sum(len(e) for e in items) / max(len(items), 1)
+            chunk = max(1, int(mega * max_tokens / max(mean, 1)))
+        else:
+            chunk = batch_size * mega
         batches = []
         for start in range(0, len(order), chunk):
             part = sorted(order[start : start + chunk], key=lambda i: len(items[i]))
-            batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+            batches += _cut(part, items, batch_size, max_tokens, packed)
         rng.shuffle(batches)
     for b in batches:
         yield [items[i] for i in b]

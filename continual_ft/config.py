@@ -63,7 +63,16 @@ class TrainConfig:
     lr: float = _help("peak learning rate of AdamW", 1e-3)
     schedule: str = _help(f"learning-rate schedule after warmup: {', '.join(SCHEDULES)}", "cosine")
     warmup_steps: int = _help("linear warmup steps at the start of every stage", 5)
-    batch_size: int = _help("examples per micro-batch", 8)
+    batch_size: int = _help("examples per micro-batch (unless max_tokens is set)", 8)
+    max_tokens: int = _help(
+        "form micro-batches by a token budget instead: padded rows × longest row (or real tokens when packed); 0 = off",
+        0,
+    )
+    packing: bool = _help(
+        "pack each micro-batch's examples into one padding-free row (positions restart per example, "
+        "no attention across examples)",
+        False,
+    )
     grad_accum: int = _help("micro-batches per optimizer step (effective batch = batch_size × grad_accum)", 1)
     epochs: int = _help("passes over each stage's training data", 1)
     max_steps: int = _help("optimizer steps per stage; 0 = as many as `epochs` gives", 0)
@@ -84,6 +93,7 @@ class TrainConfig:
         )
         _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.max_tokens >= 0, f"train.max_tokens must be >= 0, got {self.max_tokens}")
         _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
         _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")

@@ -10,12 +10,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["model_inputs", "token_loss", "mean_token_loss"]
+__all__ = ["model_inputs", "answer_logits", "token_loss", "mean_token_loss"]
 
 
 def model_inputs(batch: dict) -> dict:
-    """What the model's forward takes from a :func:`~continual_ft.batching.collate` batch."""
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "logits_to_keep")}
+    """What the model's forward takes from a batch (a packed one has no attention mask).
+
+    ``use_cache=False``: a training forward needs no KV cache, and with one transformers would not
+    read restarting ``position_ids`` as packed sequences (``masking_utils.find_packed_sequence_indices``).
+    """
+    keys = ("input_ids", "attention_mask", "position_ids", "logits_to_keep")
+    return {**{k: batch[k] for k in keys if k in batch}, "use_cache": False}
+
+
+def answer_logits(outputs, batch: dict) -> torch.Tensor:
+    """The logits that predict ``batch["labels"]``, position for position (padded or packed batches alike).
+
+    ``outputs``: the model's outputs, or their logits.
+    """
+    logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
+    return logits[:, -(batch["labels"].shape[1] + 1) : -1]
 
 
 def token_loss(model, batch: dict) -> tuple[torch.Tensor, int, object]:
@@ -25,7 +39,7 @@ def token_loss(model, batch: dict) -> tuple[torch.Tensor, int, object]:
     optimizer step, so batch 8 × accumulation 1 equals batch 1 × accumulation 8.
     """
     outputs = model(**model_inputs(batch))
-    logits = outputs.logits[:, :-1].float()
+    logits = answer_logits(outputs, batch).float()
     labels = batch["labels"].to(logits.device)
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
     return loss, int((labels != -100).sum()), outputs

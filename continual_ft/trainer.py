@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from continual_ft.batching import Encoded, Encoder, collate, length_grouped_batches, to_device
+from continual_ft.batching import Encoded, Encoder, collate, collate_packed, length_grouped_batches, to_device
 from continual_ft.checkpoint import StepCheckpoints, rng_state, set_rng_state
 from continual_ft.config import TrainConfig
 from continual_ft.data import Example
@@ -102,8 +102,8 @@ def _shard(items: list[Encoded], dist) -> tuple[list[Encoded], bool]:
     return (mine, False) if mine else (items[:1], True)
 
 
-def _batch(items: list[Encoded], pad: int, device, dummy: bool = False) -> dict:
-    batch = collate(items, pad)
+def _batch(items: list[Encoded], pad: int, device, dummy: bool = False, packed: bool = False) -> dict:
+    batch = collate_packed(items) if packed else collate(items, pad)
     if dummy:
         batch["labels"].fill_(-100)
         batch["n_tokens"] = 0
@@ -187,9 +187,16 @@ def train_stage(
     pad = encoder.tokenizer.pad_token_id
     encoded = [encoder.encode(e) for e in examples]
     world = 1 if dist is None else dist.world
+    # Every process draws the same global batches: `world` times the per-process size or token budget.
+    grouping = dict(max_tokens=cfg.max_tokens * world, packed=cfg.packing)
     global_batch = cfg.batch_size * world
     rng = random.Random(seed)
-    batches_per_epoch = math.ceil(len(encoded) / global_batch)
+    if cfg.max_tokens:  # how many budgets an epoch fills: count the first epoch's (same seed, another generator)
+        batches_per_epoch = sum(
+            1 for _ in length_grouped_batches(encoded, global_batch, random.Random(seed), **grouping)
+        )
+    else:
+        batches_per_epoch = math.ceil(len(encoded) / global_batch)
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(batches_per_epoch / cfg.grad_accum)
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -204,7 +211,7 @@ def train_stage(
 
     def micro_batches():
         while True:  # epochs, reshuffled each time; the step budget decides when to stop
-            yield from length_grouped_batches(encoded, global_batch, rng)
+            yield from length_grouped_batches(encoded, global_batch, rng, **grouping)
 
     stats, stream = StageStats(), micro_batches()
     best_state, bad_evals, loss_sum, loss_tokens, drawn, last_loss, done = None, 0, 0.0, 0, 0, None, 0.0
@@ -232,7 +239,7 @@ def train_stage(
         micro = []
         for _ in range(cfg.grad_accum):
             items, dummy = _shard(next(stream), dist)
-            micro.append(_batch(items, pad, device, dummy))
+            micro.append(_batch(items, pad, device, dummy, cfg.packing))
         drawn += cfg.grad_accum
         summed, n = backward_step(train_model, micro, strategies, autocast, dist)
         if not math.isfinite(summed):

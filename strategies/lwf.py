@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from continual_ft.errors import ContinualFTError
-from continual_ft.losses import model_inputs
+from continual_ft.losses import answer_logits, model_inputs
 from continual_ft.strategies.base import StageInfo, Strategy
 
 __all__ = ["LwF", "LwFConfig"]
@@ -49,7 +49,7 @@ def spread_rows(n: int, fraction: float) -> torch.Tensor:
 
 def select_rows(batch: dict, rows: torch.Tensor) -> dict:
     """The sub-batch of ``rows`` of a :func:`collate` batch, without the columns that are padding in all of them."""
-    if len(rows) == len(batch["tasks"]):
+    if len(rows) == batch["input_ids"].shape[0]:  # every row (a packed batch is one row)
         return batch
     device = batch["input_ids"].device
     idx = rows.to(device)
@@ -116,14 +116,15 @@ class LwF(Strategy):
     def penalty(self, model: nn.Module, batch: dict, outputs) -> torch.Tensor | None:
         if self.teacher is None or self.config.alpha == 0:
             return None
-        rows = spread_rows(len(batch["tasks"]), self.config.fraction)
+        # A packed batch is one row: it is distilled whole, whatever the fraction.
+        rows = spread_rows(batch["input_ids"].shape[0], self.config.fraction)
         sub = select_rows(batch, rows)
         mask = sub["labels"] != -100
         if not mask.any():
             return None
-        T, keep = self.config.temperature, batch["logits_to_keep"]
-        # [-keep:] also accepts outputs computed over the whole sequence; [:-1] aligns with labels.
-        student = outputs.logits[rows.to(outputs.logits.device), -keep:-1][mask].float() / T  # (tokens, vocab)
-        teacher = self.teacher_logits(model, sub)[:, -keep:-1][mask].float() / T
+        T = self.config.temperature
+        # answer_logits also accepts outputs computed over the whole sequence.
+        student = answer_logits(outputs, batch)[rows.to(outputs.logits.device)][mask].float() / T  # (tokens, vocab)
+        teacher = answer_logits(self.teacher_logits(model, sub), sub)[mask].float() / T
         kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="sum")
         return self.config.alpha * T * T * kl / mask.sum()

@@ -64,9 +64,14 @@ def scenario(tmp_path_factory):
     return str(write_toy_scenario(tmp_path_factory.mktemp("toy"), n=60, train=16, test=6))
 
 
+#: Each strategy also runs on packed, token-budgeted batches (LwF's teacher, EWC's Fisher see them).
+BATCHING = {"padded": [], "packed": ["train.packing=true", "train.max_tokens=160"]}
+
+
+@pytest.mark.parametrize("batching", list(BATCHING))
 @pytest.mark.parametrize("name", list(CASES))
-def test_strategy_runs_and_trains_stage_two(name, scenario, tmp_path):
-    overrides = [
+def test_strategy_runs_and_trains_stage_two(name, batching, scenario, tmp_path):
+    overrides = BATCHING[batching] + [
         f"scenario={scenario}",
         f"strategy={name}",
         "model=tiny",
