@@ -141,6 +141,11 @@ def _setup(config: RunConfig, progress: bool) -> _Run:
     scenario = load_scenario(config.scenario, quick=config.quick, seed=config.seed, sizes=config.data.sizes())
     check_scenario(config, scenario)
     dist = get_dist()
+    if "FSDP" in str(dist.accelerator.distributed_type):
+        raise ContinualFTError(
+            "FSDP is not wired into the trainer yet (docs/distributed.md says what it needs); "
+            "launch with DDP: torchrun --nproc_per_node N cli.py run ..."
+        )
     device = dist.device
     precision = resolve_precision(config.precision, device)
     reset_peak_memory(device)
