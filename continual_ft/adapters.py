@@ -34,6 +34,7 @@ tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,10 +153,10 @@ def start_stage(model, mode: str, stage: int, cfg: LoraConfig):
     return model
 
 
-def _save_adapter(model, name: str, out: Path) -> Path:
-    """Save adapter ``name`` as "the" adapter of ``out``, replacing what was there."""
+def _save_adapter(model, name: str, out: Path, state_dict: dict | None = None) -> Path:
+    """Save adapter ``name`` as "the" adapter of ``out``, replacing what was there (from ``state_dict`` if given)."""
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, selected_adapters=[name])
+        model.save_pretrained(tmp, selected_adapters=[name], **({"state_dict": state_dict} if state_dict else {}))
         # PEFT writes a non-default adapter under a sub-folder named after it; lift it up so
         # plain `PeftModel.from_pretrained(base, out)` finds it.
         nested = tmp / name
@@ -195,21 +196,30 @@ def combine(model, names: list[str], cfg: MergeConfig, seed: int = 0) -> str:
 
 
 def finish_stage(
-    model, mode: str, stage: int, run_dir: Path, merge_cfg: MergeConfig, seed: int = 0, save: bool = True
+    model,
+    mode: str,
+    stage: int,
+    run_dir: Path,
+    merge_cfg: MergeConfig,
+    seed: int = 0,
+    save: bool = True,
+    gather: Callable[[dict], dict] | None = None,
 ) -> StageOutput:
     """Save stage ``stage``'s adapter and turn the trained model into the one to evaluate.
 
     ``continue``/``new``/``stack``: the model as trained. ``merge``: the adapter merged into the base
     (a plain transformers model). ``merge_final``: the adapters of stages 1..k combined into ``merged``,
     also saved under ``adapters/merged``. ``save=False`` (every process but the first of a multi-process
-    run) changes the model alike and writes nothing.
+    run) changes the model alike and writes nothing. ``gather`` (under FSDP, where every process must
+    call this) turns the adapter's per-process shards into whole tensors before the first process saves.
     """
     _check_mode(mode)
     run_dir = Path(run_dir)
     name = _stage_name(mode, stage)
     adapter_dir = run_dir / "adapters" / f"stage{stage + 1}"
+    state = gather({k: v for k, v in model.state_dict().items() if "lora_" in k}) if gather else None
     if save:
-        _save_adapter(model, name, adapter_dir)
+        _save_adapter(model, name, adapter_dir, state)
     if mode == "continue":
         return StageOutput(model, adapter_dir, serving_dirs=[adapter_dir])
     if mode in ("new", "stack"):

@@ -12,8 +12,9 @@ from pathlib import Path
 from continual_ft.adapters import ADAPTER_MODES
 from continual_ft.config import RunConfig
 from continual_ft.errors import ContinualFTError
+from continual_ft.tracking import check_trackers
 
-__all__ = ["check_config", "check_scenario"]
+__all__ = ["check_config", "check_scenario", "check_fsdp"]
 
 
 def check_config(config: RunConfig) -> list:
@@ -27,6 +28,8 @@ def check_config(config: RunConfig) -> list:
         needs = getattr(s, "requires_adapter", None)  # e.g. O-LoRA needs a fresh adapter per stage
         if needs and config.adapter not in needs:
             raise ContinualFTError(f"strategy={s.name} needs adapter={' or '.join(needs)}, not {config.adapter}")
+        if hasattr(s, "check_run"):  # a strategy's own limits (avalanche:*: its package, what its loop can do)
+            s.check_run(config)
     if config.quantize != "none" and config.model == "tiny":
         raise ContinualFTError(
             "quantize=nf4 loads a checkpoint in 4 bit; model=tiny is built in memory, use a directory"
@@ -37,6 +40,7 @@ def check_config(config: RunConfig) -> list:
     for parent in (out, *out.parents):
         if parent.exists() and not parent.is_dir():
             raise ContinualFTError(f"output_dir={config.output_dir}: {parent} is a file, not a directory")
+    check_trackers(config.log)
     return strategies
 
 
@@ -45,3 +49,33 @@ def check_scenario(config: RunConfig, scenario) -> None:
     n_weights = len(config.merge.weights)
     if config.adapter == "merge_final" and n_weights and n_weights != len(scenario.stages):
         raise ContinualFTError(f"merge.weights has {n_weights} values; the scenario has {len(scenario.stages)} stages")
+
+
+def check_fsdp(config: RunConfig, strategies: list, fsdp_version: int) -> None:
+    """What a run launched with an FSDP config can do (docs/distributed.md, "FSDP" says why)."""
+    if fsdp_version != 2:
+        raise ContinualFTError(
+            f"FSDP needs fsdp_version: 2 (FSDP2, as in examples/accelerate/fsdp.yaml), not {fsdp_version}: "
+            "FSDP1 wraps the model in another module"
+        )
+    if config.adapter != "continue":
+        raise ContinualFTError(
+            f"adapter={config.adapter} under FSDP: only adapter=continue, whose tensors stay those FSDP sharded "
+            "in stage 1 (a new adapter or a merge would change a sharded model)"
+        )
+    for s in strategies:
+        if getattr(s, "uses_model", True):
+            raise ContinualFTError(
+                f"strategy={s.name} under FSDP: it reads the model's parameters, which are per-rank shards there; "
+                "launch with DDP, or use a strategy that only picks data (naive, replay, joint, task_balanced)"
+            )
+    if config.train.checkpoint_every or config.train.checkpoint_minutes:
+        raise ContinualFTError(
+            "train.checkpoint_every/checkpoint_minutes under FSDP: in-stage checkpoints of sharded "
+            "weights and optimizer state are not written yet; stage boundaries are saved"
+        )
+    if config.quantize != "none":
+        raise ContinualFTError(
+            "quantize=nf4 under FSDP: FSDP needs bnb_4bit_quant_storage equal to the compute dtype "
+            "(torch.bfloat16), which the run does not set yet; launch QLoRA with DDP or one process"
+        )

@@ -6,6 +6,7 @@
     python cli.py plot runs/legal_then_medical-naive-continue
     python cli.py compare scenario=legal_then_medical strategy=naive,replay adapter=stack,merge
     python cli.py compare runs/a runs/b
+    python cli.py tune strategy=replay search.replay.ratio=0.1:0.6 search.train.lr=log:1e-4:3e-3 n_trials=20
     python cli.py resume runs/legal_then_medical-naive-continue   # go on after a kill
     torchrun --nproc_per_node 2 cli.py run ...                     # one run across processes
 
@@ -42,9 +43,9 @@ def run(overrides, quiet):
     from continual_ft.config import make_config
     from continual_ft.runner import report
     from continual_ft.runner import run as run_config
-    from continual_ft.strategies import STRATEGIES
+    from continual_ft.strategies import strategy_names
 
-    config = make_config(list(overrides), tuple(STRATEGIES))
+    config = make_config(list(overrides), strategy_names())
     results = run_config(config, progress=not quiet)
     _echo_main(lambda: report(results))
 
@@ -108,6 +109,29 @@ def compare(args, out, quiet):
         click.echo(path)
 
 
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--out", type=click.Path(file_okay=False), help="report folder (default <output_dir>/<study>)")
+@click.option("--quiet", is_flag=True, help="no progress bars or per-stage log lines while training")
+def tune(args, out, quiet):
+    """Search settings with Optuna: search.KEY=a:b | a:b:step | log:a:b | a,b,c; other key=value are fixed.
+
+    n_trials=N (default 10, added to the study each time), objective=acc | bwt | acc+0.5*bwt | acc-forgetting
+    (default acc), study=NAME, storage=URL (default sqlite:///<output_dir>/tune.db), pruner=median | median:N |
+    threshold:X | none. Processes on the same storage and study share it.
+    """
+    import shlex
+
+    from continual_ft.tune import tune as tune_study
+
+    command = "python cli.py tune " + shlex.join(args) + (f" --out {shlex.quote(out)}" if out else "")
+    result = tune_study(list(args), out=out, progress=not quiet, command=command, log=click.echo)
+    click.echo(result.table)
+    for path in result.files:
+        click.echo(path)
+    click.echo(f"best: {result.best_command}" if result.best_command else "no trial has completed yet")
+
+
 def _summary(doc: str | None, width: int = 100) -> str:
     """A docstring's first paragraph on one line, cut to ``width``."""
     text = " ".join((doc or "").strip().split("\n\n")[0].split()).rstrip(":")
@@ -116,11 +140,12 @@ def _summary(doc: str | None, width: int = 100) -> str:
 
 @cli.command(name="list")
 def list_():
-    """Show the built-in scenarios, strategies, adapter modes and models."""
+    """Show the built-in scenarios, strategies, adapter modes, models and trackers."""
     from continual_ft.adapters import ADAPTER_MODES, MERGE_METHODS
     from continual_ft.models import MODELS
     from continual_ft.scenario import list_scenarios
-    from continual_ft.strategies import STRATEGIES
+    from continual_ft.strategies import AVALANCHE_STRATEGIES, STRATEGIES
+    from continual_ft.tracking import TRACKERS
 
     def section(title, items):
         click.echo(title)
@@ -129,9 +154,14 @@ def list_():
 
     section("scenarios:", list_scenarios())
     section("strategies:", {n: _summary(cls.__doc__) for n, (cls, _) in STRATEGIES.items()})
+    section(
+        'Avalanche\'s strategies (pip install "continual-ft[avalanche]"):',
+        {n: _summary(cls.__doc__) for n, (cls, _) in AVALANCHE_STRATEGIES.items()},
+    )
     section("adapters:", ADAPTER_MODES)
     section("merge methods (adapter=merge_final method=...):", MERGE_METHODS)
     section("models:", {**MODELS, "<dir or org/name>": "any causal LM that transformers loads"})
+    section("trackers (log=[...]; log.jsonl is always written):", {n: b.help for n, b in TRACKERS.items()})
 
 
 @cli.command()

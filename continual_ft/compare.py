@@ -6,9 +6,15 @@
 Comma-separated values in any key span the cartesian product of runs (commas inside ``[...]``
 stay part of a list value); the other ``key=value`` settings apply to every run. A grid point
 whose resolved config matches a finished run under ``output_dir`` (``complete: true`` in its
-results.json, same config.yaml apart from ``name``, ``output_dir`` and ``resolved``) is reused,
-not trained again. The output folder gets ``report.md`` (one table, primary metric),
-``heatmaps.png`` (every run's forgetting matrix) and ``acc_bwt.png``, each written atomically.
+results.json, same config.yaml apart from ``name``, ``output_dir``, ``resolved`` and ``log``) is reused,
+not trained again. The output folder gets ``report.md``, ``heatmaps.png`` (every run's forgetting
+matrix) and ``acc_bwt.png``, each written atomically.
+
+Runs that differ only in ``seed`` (``seed=0,1,2`` is a grid key like any other) form one
+configuration: the report gives its mean ± standard deviation over seeds with a 95% bootstrap
+interval over seeds and test examples (:mod:`continual_ft.intervals`, from the runs' stored
+predictions), and each configuration's paired difference against naive and joint, marked
+significant where its interval excludes 0. ``acc_bwt.png`` draws the intervals.
 """
 
 from __future__ import annotations
@@ -25,13 +31,24 @@ import yaml
 from continual_ft.checks import check_config
 from continual_ft.config import RunConfig, make_config, parse_overrides, to_dict
 from continual_ft.errors import ContinualFTError
-from continual_ft.plots import acc_bwt_bars, heatmap_grid
+from continual_ft.plots import heatmap_grid, metric_bars
 from continual_ft.results import atomic_write, load_results
+from continual_ft.seeds import NOTE, Group, bar_values, format_groups, format_significance, group_runs
 
-__all__ = ["Entry", "Comparison", "split_values", "grid_configs", "find_finished", "compare", "format_table"]
+__all__ = [
+    "Entry",
+    "Group",
+    "Comparison",
+    "split_values",
+    "grid_configs",
+    "find_finished",
+    "compare",
+    "format_table",
+    "format_summary",
+]
 
 #: Config keys that never make two runs different.
-IGNORED_KEYS = ("name", "output_dir", "resolved")
+IGNORED_KEYS = ("name", "output_dir", "resolved", "log")
 #: Keys the default run name already spells out (scenario-strategy-adapter).
 NAMED_KEYS = ("scenario", "strategy", "adapter")
 
@@ -52,6 +69,7 @@ class Comparison:
     out: Path
     table: str
     files: list[Path] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
 
 
 def split_values(value: str) -> list[str]:
@@ -137,7 +155,8 @@ def _mb(n: int | None) -> str:
 def _row(entry: Entry) -> list[str]:
     d = entry.results
     m = d.get("metrics", {}).get(d["primary_metric"], {})
-    pct = [("—" if m.get(k) is None else f"{100 * m[k]:.1f}") for k in ("acc", "bwt", "fwt", "forgetting")]
+    keys = ("acc", "bwt", "fwt", "forgetting", "aia", "max_drop")
+    pct = [("—" if m.get(k) is None else f"{100 * m[k]:.1f}") for k in keys]
     stats = d.get("stage_stats", [])
     # Stage time = training steps + the strategy's own passes (EWC's Fisher, replay mixing).
     train = sum(s.get("train_seconds", 0.0) + s.get("strategy_seconds", 0.0) for s in stats)
@@ -159,6 +178,7 @@ def _row(entry: Entry) -> list[str]:
         f"{1000 * train / tokens:.2f}" if tokens else "—",
         "—" if latency is None else f"{latency:.2f}",
         size,
+        "—" if not d.get("peak_memory_mb") else f"{d['peak_memory_mb']:.0f}",
     ]
 
 
@@ -168,10 +188,13 @@ HEADER = [
     "BWT (%)",
     "FWT (%)",
     "forgetting (%)",
+    "AIA (%)",
+    "largest drop (%)",
     "train time (s)",
     "s / 1k train tokens",
     "eval latency (ms/example)",
     "adapter size (MB)",
+    "peak memory (MB)",
 ]
 
 
@@ -229,12 +252,38 @@ def _markdown(rows: list[list[str]]) -> str:
     return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
 
 
-def write_report(entries: list[Entry], out: Path, command: str) -> list[Path]:
+def _configs(entries: list[Entry]) -> list[dict | None]:
+    """Each run's config.yaml as :func:`find_finished` compares them, without its seed; None where unreadable."""
+    configs = []
+    for e in entries:
+        try:
+            saved = yaml.safe_load((Path(e.run_dir) / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            saved = None
+        configs.append(
+            {k: v for k, v in _comparable(saved).items() if k != "seed"} if isinstance(saved, dict) else None
+        )
+    return configs
+
+
+def format_summary(groups: list[Group], entries: list[Entry]) -> str:
+    """What ``compare`` prints: the configurations with their intervals, the differences against naive and
+    joint, and the table of runs."""
+    significance = format_significance(groups)
+    return "\n\n".join(t for t in (format_groups(groups), significance, format_table(entries)) if t)
+
+
+def write_report(entries: list[Entry], out: Path, command: str, groups: list[Group] | None = None) -> list[Path]:
     """``report.md``, ``heatmaps.png`` and ``acc_bwt.png`` in ``out``; returns the files."""
     out = Path(out)
+    groups = groups if groups is not None else group_runs(entries, _configs(entries))
     table = format_table(entries)
     runs = {e.name: e.results for e in entries}
-    figures = [heatmap_grid(runs, out / "heatmaps.png"), acc_bwt_bars(runs, out / "acc_bwt.png")]
+    figures = [
+        heatmap_grid(runs, out / "heatmaps.png"),
+        metric_bars(bar_values(groups), out / "acc_bwt.png", "primary metric: mean over seeds, 95% interval"),
+    ]
+    significance = format_significance(groups)
     text = "\n".join(
         [
             "# continual-ft comparison",
@@ -243,14 +292,23 @@ def write_report(entries: list[Entry], out: Path, command: str) -> list[Path]:
             command,
             "```",
             "",
+            format_groups(groups),
+            "",
+            NOTE,
+            "",
+            *([significance, ""] if significance else []),
+            "Every run:",
+            "",
             table,
             "",
-            "ACC, BWT, FWT and forgetting on each run's primary metric (see `continual_ft/metrics.py`). "
+            "ACC, BWT, FWT, forgetting, AIA (average incremental accuracy) and the largest drop on each run's "
+            "primary metric (see `continual_ft/metrics.py`). "
             "Train time: all stages, training steps plus the strategy's own passes (EWC's Fisher); "
             "s / 1k train tokens puts strategies that train on more data (replay, joint) on equal terms. "
             "Eval latency: milliseconds per test example (all tasks) after the last stage. "
             "Adapter size: adapter weights the final model adds to its base (all stacked adapters; "
-            "the combined one for merge_final; none for merge, whose adapters are in the weights).",
+            "the combined one for merge_final; none for merge, whose adapters are in the weights). "
+            "Peak memory: the run's peak resident set size on CPU, allocator peak on GPU.",
             "",
             "Time per stage at equal training tokens: seconds per 1,000 real training tokens (training steps "
             "plus the strategy's own passes: EWC's Fisher, replay mixing, adapter set-up), and the ratio to "
@@ -264,7 +322,7 @@ def write_report(entries: list[Entry], out: Path, command: str) -> list[Path]:
             "",
             "![forgetting matrices](heatmaps.png)",
             "",
-            "![ACC and BWT](acc_bwt.png)",
+            "![ACC, BWT, AIA and largest drop with their intervals](acc_bwt.png)",
             "",
         ]
     )
@@ -287,7 +345,7 @@ def compare(
     """Run (or reuse) the grid that ``key=value`` ``args`` span, or read the run directories ``args`` name;
     write the report to ``out`` (default ``<output_dir>/compare``)."""
     from continual_ft.runner import run
-    from continual_ft.strategies import STRATEGIES
+    from continual_ft.strategies import strategy_names
 
     overrides = [a for a in args if "=" in a or a == "quick"]
     dirs = [Path(a) for a in args if a not in overrides]
@@ -307,7 +365,7 @@ def compare(
         entries = [Entry(n, d, load_results(d), "given") for n, d in zip(_unique_names(dirs), dirs)]
         out = Path(out) if out else Path(RunConfig().output_dir) / "compare"
     else:
-        points = grid_configs(overrides, tuple(STRATEGIES))
+        points = grid_configs(overrides, strategy_names())
         for config, strategy_settings in points:
             found = find_finished(config, strategy_settings)
             if found is not None:
@@ -318,5 +376,6 @@ def compare(
                 log(f"trained {results.run_dir}")
                 entries.append(Entry(config.name, results.run_dir, results.data, "trained"))
         out = Path(out) if out else Path(points[0][0].output_dir) / "compare"
-    files = write_report(entries, out, command)
-    return Comparison(entries, out, format_table(entries), files)
+    groups = group_runs(entries, _configs(entries))
+    files = write_report(entries, out, command, groups)
+    return Comparison(entries, out, format_summary(groups, entries), files, groups)

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from continual_ft.errors import ContinualFTError
+from continual_ft.tracking import TRACKERS
 
 __all__ = [
     "TrainConfig",
@@ -197,12 +198,18 @@ class RunConfig:
     data: DataConfig = _help("data sizes and prompt formatting", factory=DataConfig)
     merge: MergeConfig = _help("how adapter=merge_final combines the stage adapters", factory=MergeConfig)
     strategy_args: Dict[str, Any] = _help("per-strategy settings, e.g. replay.buffer_size=200", factory=dict)
+    log: List[str] = _help(
+        "trackers that get the metrics besides the run folder's log.jsonl: log=[tensorboard,wandb,mlflow]", factory=list
+    )
 
     def __post_init__(self):
         _require(
             self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
         )
         _require(self.quantize in QUANTIZE, f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+        for name in self.log:
+            _require(name in TRACKERS, f"unknown tracker log={name}; choose from {', '.join(TRACKERS)}")
+        self.log = list(dict.fromkeys(self.log))
 
     def run_name(self) -> str:
         if self.name:
@@ -255,6 +262,8 @@ def make_config(overrides: list[str] | dict | None = None, strategy_names: tuple
     base = OmegaConf.structured(RunConfig)
     if isinstance(overrides, dict):
         overrides = dict(overrides)
+        if isinstance(overrides.get("log"), str):  # log: tensorboard, as log: [tensorboard]
+            overrides["log"] = [overrides["log"]]
         for short, full in SHORTHANDS.items():
             if short in overrides:
                 section, key = full.split(".")
@@ -268,6 +277,8 @@ def make_config(overrides: list[str] | dict | None = None, strategy_names: tuple
                 key = f"strategy_args.{key}"
             elif head not in {f.name for f in dataclasses.fields(RunConfig)}:
                 raise ContinualFTError(f"unknown config key {key!r}; valid keys: {', '.join(config_keys())}")
+            if key == "log" and not value.startswith("["):  # log=tensorboard or log=tensorboard,wandb
+                value = f"[{value}]"
             items.append(f"{key}={value}")
         try:
             extra = OmegaConf.from_dotlist(items)

@@ -5,8 +5,9 @@ yields raw records; each record's ``group`` goes wholly into one split, chosen b
 
     u = sha256(f"{seed}:{group}") / 2**256;  train if u < 0.7, validation if u < 0.8, else test
 
-so no license (or ICD category, or user group) seen in training shows up in test. Each split is
-then sampled to its size with a seeded RNG, round-robin across labels when ``balance`` is on.
+so no license (or near-duplicate rule text, ICD category, EDAM parent concept, or user group)
+seen in training shows up in test. Each split is then sampled to its size with a seeded RNG,
+round-robin across labels when ``balance`` is on.
 A size the task asks for (``sizes:``, a scenario's ``quick:``, ``data.train_size=``) that the
 split cannot fill is an error; a default size takes what there is.
 """
@@ -45,7 +46,9 @@ FRACTIONS = {"train": 0.7, "validation": 0.1, "test": 0.2}
 #: The names are those of ``_spec.OPTIONS``, where a ``TaskSpec`` checks its source.
 SOURCES: dict[str, Callable] = {
     "licenses": _sources.load_licenses,
+    "license_rules": _sources.load_license_rules,
     "icd10": _sources.load_icd10,
+    "edam": _sources.load_edam,
     "jsonl": _sources.load_jsonl,
     "csv": _sources.load_csv,
     "parquet": _sources.load_parquet,

@@ -1,4 +1,4 @@
-"""One continual run over several processes (DDP), through accelerate.
+"""One continual run over several processes (DDP or FSDP), through accelerate.
 
 Launch with ``torchrun --nproc_per_node N cli.py run ...`` or ``accelerate launch cli.py run ...``;
 a plain ``python cli.py run ...`` is one process, needs no process group, and every operation
@@ -37,9 +37,25 @@ How DDP meets our loss (2 gloo processes, a LoRA'd tiny Llama; tests/test_distri
   ("Expected to have finished reduction in the prior iteration"). Only the stage's adapter
   requires grad and all of it is used, so ``find_unused_parameters`` stays off.
 
-Under FSDP (not wired yet; FSDP1, ``use_orig_params=True``, 2 gloo processes) parameters outside a
-forward are this rank's flat shard, so a parameter penalty covers the shard only, and its gradient
-reaches that shard without the averaging the loss gets: its weighting must differ from DDP's.
+FSDP (accelerate's FSDP2, ``fully_shard``; ``examples/accelerate/fsdp.yaml``) shards the model in
+place: every parameter becomes a DTensor holding this rank's rows, and each FSDP unit (a decoder
+layer) all-gathers its weights just before its forward.
+
+* The trainer's loss scaling stays as for DDP: FSDP2 averages gradients over ranks in its
+  reduce-scatter, as DDP does in its all-reduce (checked against one process, tests/test_fsdp_run.py).
+* Every forward all-gathers, so all ranks must run the same number of forwards. Training does;
+  evaluation and validation, which score each rank's share of the examples (and decode greedily,
+  stopping early per batch), run inside :meth:`Dist.lockstep`.
+* A strategy whose hooks read parameters or run the model (EWC, LwF, O-LoRA) is refused: there its
+  tensors are DTensor shards, and a penalty's gradient reaches the shard without the averaging the
+  loss gets. Strategies with ``uses_model = False`` (they pick data) run as they are.
+* The runner shards the model before its first evaluation (:meth:`Dist.shard_model`), with the
+  adapter every stage trains already attached; the whole model is never on a process's device.
+* Saving gathers the adapter's tensors whole (:meth:`Dist.full_tensors`, all ranks), then rank 0 writes.
+
+FSDP1 (``fsdp_version: 1``) is refused: it wraps the model in another module, where FSDP2 keeps the
+PEFT model the runner holds, and on CPU processes it fails at wrap time ("Inconsistent compute
+device and `device_id`": accelerate passes ``cpu:0``, FSDP1 compares it with ``cpu``).
 
 HF ``TrainingArguments`` resets accelerate's shared state when created unless its
 ``accelerator_config`` has ``use_configured_state=True``; pass that when combining the two.
@@ -48,11 +64,12 @@ HF ``TrainingArguments`` resets accelerate's shared state when created unless it
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, broadcast_object_list, gather_object
 
 __all__ = ["Dist", "get_dist", "CPU_ENV"]
 
@@ -70,6 +87,13 @@ class Dist:
     def __init__(self):
         cpu = _flag(CPU_ENV) or not torch.cuda.is_available()
         self.accelerator = Accelerator(cpu=cpu)
+        if cpu and _flag("ACCELERATE_USE_FSDP") and self.accelerator.num_processes > 1:
+            # accelerate turns FSDP on only for GPU-like devices: CPU processes get MULTI_CPU (DDP)
+            # and the FSDP config is dropped. FSDP2 itself runs over gloo (tests/test_fsdp_run.py).
+            # Set as accelerate's AcceleratorState does for GPUs, in the process-wide state too.
+            state = self.accelerator.state
+            state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
         self.rank: int = self.accelerator.process_index
         self.world: int = self.accelerator.num_processes
         device = self.accelerator.device  # MULTI_CPU says cpu:0, but CPU tensors report plain cpu
@@ -84,6 +108,15 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def is_fsdp(self) -> bool:
+        """Launched with an FSDP config (``accelerate launch --config_file examples/accelerate/fsdp.yaml``)."""
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    @property
+    def fsdp_version(self) -> int | None:
+        return self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp else None
 
     def __repr__(self) -> str:
         return f"Dist(rank={self.rank}, world={self.world}, device={self.device})"
@@ -114,10 +147,63 @@ class Dist:
         self.accelerator.wait_for_everyone()
 
     def prepare(self, model, optimizer):
-        """The model wrapped for DDP/FSDP and its optimizer; with one process both as they are."""
+        """The model wrapped for DDP (FSDP2 shards it in place) and its optimizer; with one process both as they are."""
         if self.world == 1:
             return model, optimizer
+        if self.is_fsdp and _is_sharded(model):
+            # Sharded in place by an earlier stage: the optimizer already holds its DTensor parameters.
+            return model, optimizer
         return self.accelerator.prepare(model, optimizer)
+
+    def shard_model(self, model):
+        """Under FSDP, ``model`` sharded in place now (each process's share moved to its device); as it is
+        otherwise. accelerate's FSDP2 prepare takes an optimizer with the model: a throwaway one."""
+        if not (self.is_fsdp and self.world > 1) or _is_sharded(model):
+            return model
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        model = self.accelerator.prepare(model, torch.optim.SGD(trainable, lr=0.0))[0]
+        # FSDP2 allocates the storage of the gathered weights at the first forward. Made under
+        # torch.inference_mode (evaluation), it could not be written in training afterwards ("Inplace
+        # update to inference tensor outside InferenceMode is not allowed"): one forward without it first,
+        # in eval mode so that dropout draws no random numbers.
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
+        model.train(was_training)
+        return model
+
+    @contextmanager
+    def lockstep(self, model):
+        """Run ``model``'s forwards inside in step with the other ranks, however many each rank runs.
+
+        Under FSDP each forward all-gathers the weights, a collective every rank must join. Inside,
+        every forward of ``model`` is preceded by a vote (one all-reduce): 1 from each rank that has a
+        forward to run. On leaving, a rank keeps voting 0 and runs a one-token forward (its output
+        thrown away) for as long as another rank still votes 1. A no-op without FSDP.
+        """
+        if not (self.is_fsdp and self.world > 1):
+            yield
+            return
+
+        def vote(module, args) -> None:  # returns None: the forward's inputs stay as they are
+            self.sum(1)
+
+        handle = model.register_forward_pre_hook(vote, prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        while self.sum(0):
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+
+    def full_tensors(self, tensors: dict) -> dict:
+        """``tensors`` with every FSDP shard (DTensor) all-gathered whole, on the CPU; every rank must call."""
+        from torch.distributed.tensor import DTensor
+
+        return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for n, t in tensors.items()}
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -134,6 +220,12 @@ class Dist:
         """Destroy the process group at the end of a run (NCCL warns at exit otherwise); a no-op with one process."""
         if self.world > 1:
             self.accelerator.end_training()
+
+
+def _is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 _DIST: Dist | None = None

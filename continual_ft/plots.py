@@ -1,4 +1,5 @@
-"""Plots: the forgetting-matrix heatmap of a run (values in the cells), and the comparison figures."""
+"""Plots: a run's forgetting-matrix heatmaps (values in the cells) and its scores along the stream,
+and the comparison figures."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from continual_ft import metrics  # noqa: E402
 from continual_ft.results import load_results, umask  # noqa: E402
 
-__all__ = ["heatmap", "plot_run", "heatmap_grid", "acc_bwt_bars", "save_figure"]
+__all__ = ["heatmap", "stream", "plot_run", "heatmap_grid", "metric_bars", "save_figure"]
 
 
 def heatmap(ax, results: dict, metric: str, title: str | None = None) -> None:
@@ -31,8 +33,38 @@ def heatmap(ax, results: dict, metric: str, title: str | None = None) -> None:
     return im
 
 
+def stream(ax, results: dict, metric: str) -> None:
+    """Each task's score after every row of R, the mean over the tasks seen so far (whose mean over
+    stages is AIA), and each task's largest drop as a vertical bar from its earlier best."""
+    R = [[100 * v for v in row] for row in results["R"][metric]]
+    first, x = results["first_stage"], range(len(R))
+    for j, task in enumerate(results["tasks"]):
+        (line,) = ax.plot(x, [row[j] for row in R], marker="o", label=task)
+        best, worst = None, None  # (row, value) of the earlier best and the row its largest drop ends at
+        for m in range(first[j], len(R)):
+            peak = max(range(first[j], m + 1), key=lambda i: R[i][j])
+            if worst is None or R[peak][j] - R[m][j] > best[1] - worst[1]:
+                best, worst = (peak, R[peak][j]), (m, R[m][j])
+        if worst is not None and best[1] > worst[1]:
+            ax.vlines(worst[0], worst[1], best[1], color=line.get_color(), linewidth=4, alpha=0.35)
+    seen = [
+        sum(row[j] for j, f in enumerate(first) if f <= i) / max(1, sum(f <= i for f in first))
+        for i, row in enumerate(R)
+    ]
+    ax.plot(x[1:], seen[1:], color="black", linestyle="--", label="mean over seen tasks")
+    aia = 100 * metrics.average_incremental_accuracy(results["R"][metric], first)
+    drop = metrics.summary(results["R"][metric], first)["max_drop"]
+    ax.set_xticks(list(x), results["rows"], rotation=20, ha="right")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(
+        f"{metric} along the stream: AIA {aia:.1f}" + ("" if drop is None else f", largest drop {100 * drop:.1f}")
+    )
+    ax.legend(loc="upper left", bbox_to_anchor=(1, 1))
+
+
 def plot_run(run_dir: Path) -> list[Path]:
-    """(Re)draw a run's heatmaps from its results.json; returns the files written."""
+    """(Re)draw a run's heatmaps and its ``stream.png`` from its results.json; returns the files written."""
     run_dir = Path(run_dir)
     results = load_results(run_dir)
     written = []
@@ -44,6 +76,11 @@ def plot_run(run_dir: Path) -> list[Path]:
         name = "forgetting_matrix.png" if metric == results["primary_metric"] else f"forgetting_matrix_{metric}.png"
         save_figure(fig, run_dir / name)
         written.append(run_dir / name)
+    if len(results["rows"]) == len(results.get("stages", ())) + 1:  # a finished run: R has every row
+        fig, ax = plt.subplots(figsize=(3.5 + 1.2 * len(results["rows"]), 4.0))
+        stream(ax, results, results["primary_metric"])
+        fig.tight_layout()
+        written.append(save_figure(fig, run_dir / "stream.png"))
     return written
 
 
@@ -81,22 +118,29 @@ def heatmap_grid(runs: dict[str, dict], path: Path, ncols: int = 3) -> Path:
     return save_figure(fig, path)
 
 
-def acc_bwt_bars(runs: dict[str, dict], path: Path) -> Path:
-    """Grouped bars of final average accuracy (ACC) and backward transfer (BWT) per run, in %."""
-    names = list(runs)
-    values = {k: [] for k in ("acc", "bwt")}
-    for results in runs.values():
-        m = results.get("metrics", {}).get(results["primary_metric"], {})
-        for k in values:
-            values[k].append(100 * m[k] if m.get(k) is not None else float("nan"))
-    x = range(len(names))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 4.0))
-    ax.bar([i - 0.2 for i in x], values["acc"], width=0.4, label="ACC")
-    ax.bar([i + 0.2 for i in x], values["bwt"], width=0.4, label="BWT")
+#: What :func:`metric_bars` draws, and how it names it.
+BARS = {"acc": "ACC", "bwt": "BWT", "aia": "AIA", "max_drop": "largest drop"}
+
+
+def metric_bars(values: dict[str, dict[str, tuple]], path: Path, title: str = "") -> Path:
+    """Grouped bars per configuration of ACC, BWT, AIA and the largest drop, in %, from
+    ``{name: {key: (value, low, high)}}``; an error bar spans [low, high] where both are given."""
+    names = list(values)
+    width = 0.8 / len(BARS)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(names) + 2.5), 4.2))
+    for k, (key, label) in enumerate(BARS.items()):
+        x = [i - 0.4 + width * (k + 0.5) for i in range(len(names))]
+        v = [values[n].get(key, (None, None, None)) for n in names]
+        y = [float("nan") if value is None else 100 * value for value, _, _ in v]
+        err = [
+            [0.0 if lo is None or value is None else 100 * (value - lo) for value, lo, _ in v],
+            [0.0 if hi is None or value is None else 100 * (hi - value) for value, _, hi in v],
+        ]
+        ax.bar(x, y, width=width, label=label, yerr=err, capsize=3, error_kw={"linewidth": 1})
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(list(x), names, rotation=30, ha="right")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("%")
-    ax.set_title("final accuracy (ACC) and backward transfer (BWT)")
+    ax.set_title(title or "ACC, BWT, AIA and largest drop")
     ax.legend(loc="upper left", bbox_to_anchor=(1, 1))
     fig.tight_layout()
     return save_figure(fig, path)

@@ -4,7 +4,9 @@ One object holds it and is the only writer: :meth:`RunRecord.add_row` after each
 :meth:`RunRecord.add_stage` with a stage's statistics, :meth:`RunRecord.save` (atomic) after
 each, :meth:`RunRecord.finish` at the end (metrics, ``complete: true``, CSV, heatmaps). A resumed
 run loads the record of the interrupted one and appends to it; each part of the run (the first,
-then one per ``resume``) keeps its own wall time.
+then one per ``resume``) keeps its own wall time. Each row's per-example predictions go to
+``predictions/row<i>.jsonl`` (:mod:`continual_ft.predictions`) in the save after the row, before
+``results.json``: a row that ``results.json`` lists always has its predictions on disk.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from continual_ft import metrics
-from continual_ft.results import format_matrix, format_metrics, load_results, write_csv, write_json
+from continual_ft import metrics, predictions
+from continual_ft.results import format_matrix, format_metrics, format_per_class, load_results, write_csv, write_json
 
 __all__ = ["METRICS", "RunRecord"]
 
-METRICS = ("accuracy", "exact_match")
+#: The R matrices: choice accuracy and exact match as evaluation scores them, macro-F1 from the predictions.
+METRICS = ("accuracy", "exact_match", "macro_f1")
 
 
 def _now() -> str:
@@ -36,6 +39,7 @@ class RunRecord:
         self.run_dir = Path(run_dir)
         self.data = data
         self._part_start = time.perf_counter()
+        self._unsaved: dict[int, dict[str, list[dict]]] = {}  # row -> predictions, until the next save
 
     @classmethod
     def start(cls, run_dir: Path, *, config, scenario, precision: str, device: torch.device, world: int = 1):
@@ -53,12 +57,15 @@ class RunRecord:
             "seed": config.seed,
             "quick": config.quick,
             "tasks": tasks,
+            "labels": {t: list(scenario.tasks[t].labels) for t in tasks},
             "stages": [{"name": s.name, "tasks": s.tasks} for s in scenario.stages],
             "first_stage": [next(i + 1 for i, st in enumerate(scenario.stages) if t in st.tasks) for t in tasks],
             "primary_metric": scenario.metric,
             "rows": [],
             "R": {m: [] for m in METRICS},
+            "per_class": [],
             "metrics": {},
+            "largest_drop": {},
             "stage_stats": [],
             "eval": [],
             "complete": False,
@@ -82,11 +89,23 @@ class RunRecord:
         return len(self.data["stage_stats"])
 
     def add_row(self, name: str, scores: dict) -> dict:
-        """Append row ``name`` of R from ``{task: TaskScore}``; returns its timing entry."""
+        """Append row ``name`` of R from ``{task: TaskScore}``, with its predictions, macro-F1 and
+        per-class precision and recall; returns its timing entry."""
         d, tasks = self.data, self.data["tasks"]
         d["rows"].append(name)
-        for m in METRICS:
-            d["R"][m].append([getattr(scores[t], m) for t in tasks])
+        pairs = {
+            t: ([p["gold"] for p in scores[t].predictions], [p["chosen"] for p in scores[t].predictions]) for t in tasks
+        }
+        row = {
+            "accuracy": [scores[t].accuracy for t in tasks],
+            "exact_match": [scores[t].exact_match for t in tasks],
+            "macro_f1": [predictions.macro_f1(*pairs[t]) for t in tasks],
+        }
+        for m in d["R"]:  # a run resumed from before macro-F1 goes on without it
+            d["R"][m].append(row[m])
+        if "labels" in d:
+            d.setdefault("per_class", []).append({t: predictions.per_class(*pairs[t], d["labels"][t]) for t in tasks})
+        self._unsaved[len(d["rows"]) - 1] = {t: scores[t].predictions for t in tasks}
         seconds = sum(s.seconds for s in scores.values())
         n = sum(s.n for s in scores.values())
         entry = {
@@ -110,14 +129,21 @@ class RunRecord:
         d["complete"] = complete
         d["total_seconds"] = sum(p["seconds"] for p in d["parts"])
         d["peak_memory_mb"] = max(p["peak_memory_mb"] for p in d["parts"])
+        for row, preds in sorted(self._unsaved.items()):
+            predictions.write_row(self.run_dir, row, preds)
+        self._unsaved.clear()
         write_json(self.run_dir / "results.json", d)
 
     def finish(self, peak_memory_mb: float) -> None:
         """Metrics from R, ``complete: true``, ``results.csv`` and the heatmaps."""
         from continual_ft.plots import plot_run
 
-        for m in METRICS:
-            self.data["metrics"][m] = metrics.summary(self.data["R"][m], self.data["first_stage"])
+        d = self.data
+        for m in d["R"]:
+            d["metrics"][m] = metrics.summary(d["R"][m], d["first_stage"])
+            d.setdefault("largest_drop", {})[m] = dict(
+                zip(d["tasks"], metrics.largest_drops(d["R"][m], d["first_stage"]))
+            )
         self.save(peak_memory_mb, complete=True)
         write_csv(self.run_dir / "results.csv", self.data)
         plot_run(self.run_dir)
@@ -128,6 +154,8 @@ class RunRecord:
         out = []
         for m in [d["primary_metric"]] + [m for m in d["R"] if m != d["primary_metric"]]:
             out += [format_matrix(d, m), format_metrics(d, m), ""]
+        if d.get("per_class"):
+            out += [format_per_class(d), ""]
         resumed = f" in {len(d['parts'])} parts" if len(d.get("parts", [])) > 1 else ""
         out.append(
             f"run time {d['total_seconds']:.0f}s{resumed}, peak memory {d['peak_memory_mb']:.0f} MB → {self.run_dir}"

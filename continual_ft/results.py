@@ -31,6 +31,7 @@ __all__ = [
     "load_results",
     "format_matrix",
     "format_metrics",
+    "format_per_class",
 ]
 
 
@@ -156,7 +157,30 @@ def format_matrix(results: dict, metric: str | None = None) -> str:
     return "\n".join(lines)
 
 
+_SHOWN = {"forgetting": "Forgetting", "max_drop": "MaxDrop"}
+
+
 def format_metrics(results: dict, metric: str | None = None) -> str:
+    """The summary metrics on one line; then each task's largest drop along the stream, where recorded."""
     metric = metric or results["primary_metric"]
     m = results["metrics"][metric]
-    return "  ".join(f"{k.upper() if k != 'forgetting' else 'Forgetting'}={_fmt(m[k]).strip()}" for k in m)
+    line = "  ".join(f"{_SHOWN.get(k, k.upper())}={_fmt(m[k]).strip()}" for k in m)
+    drops = results.get("largest_drop", {}).get(metric)
+    if drops:
+        line += "\nlargest drop per task: " + ", ".join(f"{t} {_fmt(v).strip()}" for t, v in drops.items())
+    return line
+
+
+def format_per_class(results: dict, row: int = -1) -> str:
+    """Per-class precision and recall (%) and test examples of one row of R (default the last)."""
+    per_class = results.get("per_class") or []
+    if not per_class:
+        return ""
+    lines = [f"per class, {results['rows'][row]}: precision / recall (%), test examples"]
+    for task, classes in per_class[row].items():
+        cells = [
+            f"{label} {_fmt(c['precision']).strip()} / {_fmt(c['recall']).strip()} ({c['n']})"
+            for label, c in classes.items()
+        ]
+        lines.append(f"  {task}: " + ", ".join(cells))
+    return "\n".join(lines)

@@ -10,6 +10,8 @@ never leaves a half-made run behind. After each stage everything needed to go on
 (adapters, strategy state, the rows of R, the RNG states), and with ``train.checkpoint_every``
 also inside a stage, so ``resume`` ends exactly as the uninterrupted run would have.
 With several processes (``torchrun``, ``accelerate launch``) only the first writes files.
+Each step and each stage boundary also go to ``log.jsonl`` and the trackers ``log=`` names
+(:mod:`continual_ft.tracking`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from continual_ft import adapters
 from continual_ft._state import load_tree, save_tree
 from continual_ft.batching import Encoder
 from continual_ft.checkpoint import StepCheckpoints, load_boundary, save_boundary, set_rng_state
-from continual_ft.checks import check_config, check_scenario
+from continual_ft.checks import check_config, check_fsdp, check_scenario
 from continual_ft.config import RunConfig, make_config, to_dict
 from continual_ft.distributed import Dist, get_dist
 from continual_ft.errors import ContinualFTError
@@ -38,6 +41,7 @@ from continual_ft.record import RunRecord
 from continual_ft.results import load_results, write_yaml
 from continual_ft.scenario import Scenario, load_scenario
 from continual_ft.stage import Batches, run_stage, stage_info
+from continual_ft.tracking import Trackers, open_trackers, stage_values
 from continual_ft.trainer import NonFiniteLoss, autocast_for, resolve_precision, train_stage
 
 __all__ = ["Results", "run", "resume", "report", "peak_memory_mb", "reset_peak_memory"]
@@ -118,6 +122,7 @@ class _Run:
     record: RunRecord | None = None
     progress: bool = True
     resume_stage: int | None = None  # the stage a resumed run goes on in
+    tracker: Trackers = field(default_factory=Trackers)  # log.jsonl and log=[...]; empty on other processes
 
     @property
     def run_dir(self) -> Path:
@@ -141,27 +146,34 @@ def _setup(config: RunConfig, progress: bool) -> _Run:
     scenario = load_scenario(config.scenario, quick=config.quick, seed=config.seed, sizes=config.data.sizes())
     check_scenario(config, scenario)
     dist = get_dist()
-    if "FSDP" in str(dist.accelerator.distributed_type):
-        raise ContinualFTError(
-            "FSDP is not wired into the trainer yet (docs/distributed.md says what it needs); "
-            "launch with DDP: torchrun --nproc_per_node N cli.py run ..."
-        )
+    if dist.is_fsdp:
+        check_fsdp(config, strategies, dist.fsdp_version)
     device = dist.device
     precision = resolve_precision(config.precision, device)
     reset_peak_memory(device)
     torch.manual_seed(config.seed)
+    # Frozen base weights in bf16 halve memory and skip autocast's per-step casts; loaded straight
+    # in bf16, the fp32 copy never exists. PEFT keeps the LoRA weights themselves in fp32.
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model, tokenizer = load_model(
         config.model,
+        dtype=dtype if config.quantize == "none" else torch.float32,
         trust_remote_code=config.trust_remote_code,
         seed=config.seed,
         quantization_config=_quantization(config),
     )
     if config.quantize == "none":
-        # Frozen base weights in bf16 halve memory and skip autocast's per-step casts;
-        # PEFT keeps the LoRA weights themselves in fp32.
-        model = model.to(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+        # FSDP: the whole model stays on the CPU; _shard moves each process's share to its device.
+        model = model.to(device=torch.device("cpu") if dist.is_fsdp else device, dtype=dtype)
     encoder = Encoder(tokenizer, config.train.max_length, config.data.chat_template, config.data.system_prompt)
     return _Run(config, scenario, strategies, model, tokenizer, encoder, device, precision, dist, progress=progress)
+
+
+def _shard(run: _Run) -> None:
+    """FSDP: attach the adapter every stage trains (``adapter=continue``, the only mode FSDP runs) and
+    shard the model, before anything runs it, so that no process holds it whole on its device."""
+    if run.dist.is_fsdp:
+        run.model = run.dist.shard_model(adapters.start_stage(run.model, run.config.adapter, 0, run.config.lora))
 
 
 def _evaluate(run: _Run, row: str) -> dict:
@@ -192,6 +204,16 @@ def _save_boundary(run: _Run) -> None:
     if run.dist.is_main:
         save_boundary(run.run_dir, run.record.stages_done)
     run.save()
+    run.tracker.log_stage(run.record.stages_done, stage_values(run.record.data))
+
+
+def _open_tracking(run: _Run) -> Trackers:
+    """``log.jsonl`` and the trackers ``log=`` names, on the first process only, told the run's config."""
+    if not run.dist.is_main:
+        return Trackers()
+    trackers = open_trackers(run.config.log, run.run_dir, run.run_dir.name)
+    trackers.log_config(yaml.safe_load((run.run_dir / "config.yaml").read_text()))
+    return trackers
 
 
 def _train_stage(run: _Run, i: int) -> None:
@@ -219,11 +241,20 @@ def _train_stage(run: _Run, i: int) -> None:
     )
     run.log(
         f"[stage {i + 1}/{len(run.scenario.stages)}] {stage_def.name}: strategy={config.strategy}, "
-        f"adapter={config.adapter}, {run.precision}" + (f", {run.dist.world} processes" if run.dist.world > 1 else "")
+        f"adapter={config.adapter}, {run.precision}"
+        + (f", {run.dist.world} processes{' (FSDP)' if run.dist.is_fsdp else ''}" if run.dist.world > 1 else "")
     )
 
+    first_step = sum(s["steps"] for s in run.record.data["stage_stats"])  # a tracker's step axis runs on
+
+    def on_step(step: int, values: dict) -> None:
+        run.tracker.log_step(first_step + step, {"train/stage": i + 1, **{f"train/{k}": v for k, v in values.items()}})
+
+    # A strategy that brings its own training loop (strategies/avalanche.py: Avalanche's) trains the stage.
+    loop = next((s.train_stage for s in run.strategies if hasattr(s, "train_stage")), train_stage)
+
     def train(examples):
-        return train_stage(
+        return loop(
             run.model,
             run.encoder,
             examples,
@@ -237,6 +268,7 @@ def _train_stage(run: _Run, i: int) -> None:
             desc=f"stage {i + 1} ({stage_def.name})",
             checkpoints=checkpoints,
             dist=run.dist,
+            on_step=on_step,
         )
 
     try:
@@ -249,7 +281,14 @@ def _train_stage(run: _Run, i: int) -> None:
     st = done.result
     trainable, total = adapters.trainable_parameters(run.model)
     out = adapters.finish_stage(
-        run.model, config.adapter, i, run.run_dir, config.merge, seed=config.seed, save=run.dist.is_main
+        run.model,
+        config.adapter,
+        i,
+        run.run_dir,
+        config.merge,
+        seed=config.seed,
+        save=run.dist.is_main,
+        gather=run.dist.full_tensors if run.dist.is_fsdp else None,
     )
     run.model = out.model
     state = {s.name: s.state_dict() for s in run.strategies}
@@ -276,6 +315,8 @@ def _train_stage(run: _Run, i: int) -> None:
         "val_losses": st.val_losses,
         "best_val_loss": st.best_val_loss,
         "stopped_early": st.stopped_early,
+        "penalty": st.penalty,
+        "strategy_stats": {s.name: s.stats() for s in run.strategies if s.stats()},
         "trainable_params": trainable,
         "total_params": total,
         "adapter_dir": str(out.adapter_dir.relative_to(run.run_dir)),
@@ -301,19 +342,28 @@ def _finish(run: _Run) -> Results:
         if merged is not None:
             run.record.data["merged_model_dir"] = str(merged.relative_to(run.run_dir))
         run.record.finish(peak_memory_mb(run.device))
+        run.tracker.log_images({p.stem: p for p in sorted(run.run_dir.glob("*.png"))})  # the heatmaps
+        for name in ("results.json", "results.csv", "config.yaml"):
+            run.tracker.log_file(run.run_dir / name)
         shutil.rmtree(run.run_dir / "resume", ignore_errors=True)  # a finished run needs no resume state
     run.dist.barrier()
     return Results(run.run_dir, run.record.data, run.model)
 
 
-def _run_stages(run: _Run) -> Results:
+def _run_stages(run: _Run, on_stage: Callable[[int, RunRecord], None] | None = None) -> Results:
     for i in range(run.record.stages_done, len(run.scenario.stages)):
         _train_stage(run, i)
+        if on_stage is not None:  # after results.json is saved: an exception here leaves the stages done readable
+            on_stage(i, run.record)
     return _finish(run)
 
 
-def run(config: RunConfig, progress: bool = True) -> Results:
-    """Train and evaluate ``config``'s scenario stage by stage in a new run directory."""
+def run(config: RunConfig, progress: bool = True, on_stage: Callable[[int, RunRecord], None] | None = None) -> Results:
+    """Train and evaluate ``config``'s scenario stage by stage in a new run directory.
+
+    ``on_stage(i, record)`` is called after stage ``i`` (0-based) is recorded and saved; an exception
+    it raises stops the run there, ``results.json`` left with ``complete: false`` (``tune`` prunes so).
+    """
     run = _setup(config, progress)
     # Every process must agree on the directory: the first picks it.
     run_dir = run.dist.broadcast(str(_unique_dir(Path(config.output_dir), config.run_name())))
@@ -338,9 +388,12 @@ def run(config: RunConfig, progress: bool = True) -> Results:
             "scenario_file": run.scenario.source_file,
         }
         write_yaml(run.run_dir / "config.yaml", resolved)
-    _evaluate(run, "before training")
-    _save_boundary(run)
-    return _run_stages(run)
+    run.tracker = _open_tracking(run)
+    _shard(run)  # its adapter's B is 0: the "before training" row is the base model's
+    with run.tracker:  # closed at the end, marked failed if an exception ends the run
+        _evaluate(run, "before training")
+        _save_boundary(run)
+        return _run_stages(run, on_stage)
 
 
 #: What ``resume --set`` may change: training settings that do not change what the run is.
@@ -393,6 +446,7 @@ def resume(run_dir: Path, progress: bool = True, changes: list[str] = ()) -> Res
         record.data.setdefault("resume_changes", []).append({"part": len(record.data["parts"]), "set": list(changes)})
     run.record, run.resume_stage = record, done
     run.model = adapters.restore(run.model, config.adapter, done, run_dir, config.lora)
+    _shard(run)
     if done:
         path = run_dir / "strategy_state" / f"stage{done}"
         state = load_tree(path) if path.is_dir() else {}
@@ -401,7 +455,9 @@ def resume(run_dir: Path, progress: bool = True, changes: list[str] = ()) -> Res
                 s.load_state_dict(state[s.name])
     set_rng_state(boundary["rng"])
     run.log(f"[resume] {run_dir}: {done} of {len(run.scenario.stages)} stages done, going on at {where}")
-    return _run_stages(run)
+    run.tracker = _open_tracking(run)
+    with run.tracker:
+        return _run_stages(run)
 
 
 def report(results: Results) -> str:

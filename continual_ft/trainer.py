@@ -63,6 +63,7 @@ class StageStats:
     stopped_early: bool = False
     checkpoint_seconds: float = 0.0  # writing in-stage checkpoints (not in `seconds`)
     resumed_at_step: int | None = None  # the in-stage checkpoint this stage went on from
+    penalty: float | None = None  # the strategies' penalty per step, mean over the stage; None without one
 
     @property
     def tokens_per_s(self) -> float:
@@ -120,10 +121,11 @@ def validation_loss(
     model.eval()
     total, count = 0.0, 0
     groups = list(length_grouped_batches([encoder.encode(e) for e in examples], batch_size, rng=None))
-    for items in dist.shard(groups) if dist is not None else groups:
-        with autocast():
-            loss, n, _ = token_loss(model, to_device(collate(items, encoder.tokenizer.pad_token_id), device))
-        total, count = total + loss.item(), count + n
+    with dist.lockstep(model) if dist is not None else nullcontext():  # FSDP: ranks hold unequal shares
+        for items in dist.shard(groups) if dist is not None else groups:
+            with autocast():
+                loss, n, _ = token_loss(model, to_device(collate(items, encoder.tokenizer.pad_token_id), device))
+            total, count = total + loss.item(), count + n
     if dist is not None:
         total, count = dist.sum(total), dist.sum(count)
     model.train(was_training)
@@ -132,18 +134,19 @@ def validation_loss(
 
 def backward_step(
     model, micro: Sequence[dict], strategies: Sequence = (), autocast: Callable = nullcontext, dist=None
-) -> tuple[float, int]:
+) -> tuple[float, int, float | None]:
     """Accumulate the gradients of one optimizer step over its micro-batches.
 
-    Returns the step's summed task loss and answer-token count, over all processes (for logging
-    and the NaN check, which every process must take alike). Strategies get the unwrapped model.
+    Returns the step's summed task loss, answer-token count and the strategies' penalty (what it adds
+    to the step's per-token loss; None if no strategy gave one), over all processes (for logging and
+    the NaN check, which every process must take alike). Strategies get the unwrapped model.
     """
     step_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
     world = 1 if dist is None else dist.world
     if world > 1:
         step_tokens = dist.sum(step_tokens)
     core = model if world == 1 else dist.unwrap(model)
-    total = 0.0
+    total, penalty = 0.0, None
     for j, batch in enumerate(micro):
         # Only the step's last micro-batch all-reduces the gradients.
         sync = dist.no_sync(model) if world > 1 and j < len(micro) - 1 else nullcontext()
@@ -154,12 +157,18 @@ def backward_step(
                 extra = total_penalty(strategies, core, batch, outputs)
                 if extra is not None:
                     loss = loss + (n * world / max(step_tokens, 1)) * extra
+                    share = n / max(step_tokens, 1) * extra.detach()
+                    penalty = share if penalty is None else penalty + share
             if world > 1:
                 dist.backward(loss)
             else:
                 loss.backward()
         total += summed.item()
-    return (dist.sum(total) if world > 1 else total), step_tokens
+    penalty = None if penalty is None else penalty.item()
+    if world > 1:  # one all-reduce for the loss and the penalty; a process may have had none (LwF, no answer rows)
+        sums = dist.sum(torch.tensor([total, penalty or 0.0, penalty is not None], dtype=torch.float64))
+        total, penalty = sums[0].item(), (sums[1].item() if sums[2] else None)
+    return total, step_tokens, penalty
 
 
 def train_stage(
@@ -177,8 +186,12 @@ def train_stage(
     desc: str = "train",
     checkpoints: StepCheckpoints | None = None,
     dist=None,
+    on_step: Callable[[int, dict], None] | None = None,
 ) -> StageStats:
     """Train ``model``'s trainable parameters on ``examples`` for one stage.
+
+    ``on_step(step, values)`` gets each optimizer step's ``loss``, ``lr``, ``tokens_per_s`` and, when a
+    strategy adds one, ``penalty`` (:mod:`continual_ft.tracking` logs them).
 
     With ``checkpoints``, saves the latest in-stage checkpoint as configured and, if one of this
     stage exists already, goes on from it. Raises :class:`NonFiniteLoss` on a NaN or infinite loss.
@@ -208,6 +221,9 @@ def train_stage(
     train_model = model
     if world > 1:
         train_model, optimizer = dist.prepare(model, optimizer)
+        # FSDP shards in place: the trainable parameters are new (DTensor) objects now.
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
 
     def micro_batches():
         while True:  # epochs, reshuffled each time; the step budget decides when to stop
@@ -215,6 +231,7 @@ def train_stage(
 
     stats, stream = StageStats(), micro_batches()
     best_state, bad_evals, loss_sum, loss_tokens, drawn, last_loss, done = None, 0, 0.0, 0, 0, None, 0.0
+    penalty_sum = None
     saved = checkpoints.load() if checkpoints is not None else None
     if saved is not None:
         with torch.no_grad():
@@ -229,6 +246,7 @@ def train_stage(
         stats.best_val_loss, stats.resumed_at_step = run["best_val_loss"], run["steps"]
         bad_evals, loss_sum, loss_tokens, drawn = run["bad_evals"], run["loss_sum"], run["loss_tokens"], saved["drawn"]
         last_loss, done = run["last_loss"], run["seconds"]
+        penalty_sum = run.get("penalty_sum")  # absent from checkpoints written before it was recorded
         best_state = saved.get("best_state")
         set_rng_state(saved["rng"])
 
@@ -236,25 +254,33 @@ def train_stage(
     bar = tqdm(total=total_steps, initial=stats.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     start = time.perf_counter() - done
     for step in range(stats.steps + 1, total_steps + 1):
+        step_start = time.perf_counter()
         micro = []
         for _ in range(cfg.grad_accum):
             items, dummy = _shard(next(stream), dist)
             micro.append(_batch(items, pad, device, dummy, cfg.packing))
         drawn += cfg.grad_accum
-        summed, n = backward_step(train_model, micro, strategies, autocast, dist)
+        summed, n, penalty = backward_step(train_model, micro, strategies, autocast, dist)
         if not math.isfinite(summed):
             before = "no finite loss before it" if last_loss is None else f"the last finite loss was {last_loss:.4f}"
             raise NonFiniteLoss(f"{desc}, step {step}: the loss is {summed / max(n, 1)} ({before})")
         last_loss = summed / max(n, 1)
         loss_sum, loss_tokens = loss_sum + summed, loss_tokens + n
+        if penalty is not None:
+            penalty_sum = penalty if penalty_sum is None else penalty_sum + penalty
         local_tokens = sum(b["n_tokens"] for b in micro)
-        stats.tokens += dist.sum(local_tokens) if world > 1 else local_tokens
+        step_tokens = dist.sum(local_tokens) if world > 1 else local_tokens
+        stats.tokens += step_tokens
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         stats.steps = step
+        if on_step is not None:
+            values = {"loss": last_loss, "lr": lr, "tokens_per_s": step_tokens / (time.perf_counter() - step_start)}
+            on_step(step, values if penalty is None else {**values, "penalty": penalty})
         elapsed = time.perf_counter() - start
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum / max(loss_tokens, 1):.3f}", tok_s=f"{stats.tokens / elapsed:.0f}")
@@ -283,6 +309,7 @@ def train_stage(
                 "loss_sum": loss_sum,
                 "loss_tokens": loss_tokens,
                 "last_loss": last_loss,
+                "penalty_sum": penalty_sum,
                 "seconds": paused - start,
             }
             checkpoints.save(
@@ -301,6 +328,7 @@ def train_stage(
     stats.seconds = time.perf_counter() - start
     bar.close()
     stats.train_loss = loss_sum / max(loss_tokens, 1)
+    stats.penalty = None if penalty_sum is None else penalty_sum / max(stats.steps, 1)
 
     if validation:
         final = validation_loss(model, encoder, validation, cfg.batch_size, autocast, dist)

@@ -1,7 +1,8 @@
 """Anti-forgetting strategies, one file each, installed as ``continual_ft.strategies``.
 
 ``STRATEGIES`` maps a name to ``(strategy class, its config dataclass)``; the CLI's choices
-come from it. ``build("replay+ewc", args)`` returns a list of strategy objects.
+come from it. ``AVALANCHE_STRATEGIES`` (``avalanche:ewc``, ...) are Avalanche's own, trained by its
+loop (``strategies/avalanche.py``). ``build("replay+ewc", args)`` returns a list of strategy objects.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from continual_ft.errors import ContinualFTError
+from continual_ft.strategies.avalanche import AVALANCHE_STRATEGIES
 from continual_ft.strategies.base import StageInfo, Strategy
 from continual_ft.strategies.ewc import EWC, EWCConfig
 from continual_ft.strategies.joint import Joint, JointConfig
@@ -23,6 +25,8 @@ from continual_ft.strategies.task_balanced import TaskBalanced, TaskBalancedConf
 
 __all__ = [
     "STRATEGIES",
+    "AVALANCHE_STRATEGIES",
+    "strategy_names",
     "Strategy",
     "StageInfo",
     "Naive",
@@ -47,6 +51,11 @@ STRATEGIES: dict[str, tuple[type[Strategy], type]] = {
 }
 
 
+def strategy_names() -> tuple[str, ...]:
+    """Every name ``strategy=`` takes: ours, then Avalanche's (``avalanche:ewc``, run by Avalanche's loop)."""
+    return (*STRATEGIES, *AVALANCHE_STRATEGIES)
+
+
 def settings(strategies: list[Strategy]) -> dict:
     """Every setting of each strategy, defaults included: what ``config.yaml`` records as ``strategy_settings``."""
     return {s.name: asdict(s.config) for s in strategies if is_dataclass(getattr(s, "config", None))}
@@ -58,7 +67,7 @@ def build(spec: str, args: dict | None = None) -> list[Strategy]:
     names = [n.strip() for n in spec.split("+") if n.strip()]
     if not names:
         raise ContinualFTError(f"strategy is empty; choose from {', '.join(STRATEGIES)}")
-    unknown = [n for n in names if n not in STRATEGIES]
+    unknown = [n for n in names if n not in STRATEGIES and n not in AVALANCHE_STRATEGIES]
     if unknown:
         raise ContinualFTError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
     stray = [k for k in args if k not in names]
@@ -66,7 +75,7 @@ def build(spec: str, args: dict | None = None) -> list[Strategy]:
         raise ContinualFTError(f"settings given for {stray[0]!r}, which is not in strategy={spec}")
     strategies = []
     for name in names:
-        cls, config_cls = STRATEGIES[name]
+        cls, config_cls = STRATEGIES[name] if name in STRATEGIES else AVALANCHE_STRATEGIES[name]
         try:
             merged = OmegaConf.merge(OmegaConf.structured(config_cls), OmegaConf.create(args.get(name, {})))
             config = OmegaConf.to_object(merged)

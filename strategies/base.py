@@ -13,7 +13,7 @@ Hook order for one stage::
     strategy.after_stage(model, stage)                 # e.g. Fisher, fill the buffer
 
 ``state_dict`` / ``load_state_dict`` carry what must survive a restart (buffer contents,
-Fisher and anchors).
+Fisher and anchors); ``stats`` reports numbers worth tracking after a stage (replay's buffer size).
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ class Strategy:
     """Base class with every hook a no-op; a strategy overrides only what it needs."""
 
     name = "base"
+    #: Whether a hook reads the model's parameters or runs the model (EWC's Fisher, LwF's teacher). Under
+    #: FSDP parameters are per-rank shards, so only strategies that set this False (they pick data) run there.
+    uses_model = True
 
     def train_data(self, stage: StageInfo, examples: list[Example]) -> list[Example]:
         """The examples to train on in this stage (default: the stage's own)."""
@@ -70,3 +73,7 @@ class Strategy:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    def stats(self) -> dict[str, float]:
+        """Numbers of the strategy's own worth tracking after a stage (replay's buffer size); default none."""
+        return {}

@@ -29,6 +29,7 @@ class Joint(Strategy):
     """
 
     name = "joint"
+    uses_model = False  # picks data only: runs under FSDP too
 
     def __init__(self, config: JointConfig | None = None):
         self.config = config or JointConfig()
@@ -47,3 +48,6 @@ class Joint(Strategy):
 
     def load_state_dict(self, state: dict) -> None:
         self.examples = [Example(**e) for e in state["examples"]]
+
+    def stats(self) -> dict[str, float]:
+        return {"stored_examples": len(self.examples)}

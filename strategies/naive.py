@@ -22,6 +22,7 @@ class Naive(Strategy):
     """Plain sequential fine-tuning: every hook is the default no-op."""
 
     name = "naive"
+    uses_model = False  # picks data only: runs under FSDP too
 
     def __init__(self, config: NaiveConfig | None = None):
         self.config = config or NaiveConfig()

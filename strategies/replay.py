@@ -67,6 +67,7 @@ class Replay(Strategy):
     """
 
     name = "replay"
+    uses_model = False  # picks data only: runs under FSDP too
 
     def __init__(self, config: ReplayConfig | None = None):
         self.config = config or ReplayConfig()
@@ -127,6 +128,9 @@ class Replay(Strategy):
 
     def state_dict(self) -> dict:
         return {"buffer": [asdict(e) for e in self.buffer], "seen": self.seen, "tasks": list(self.tasks)}
+
+    def stats(self) -> dict[str, float]:
+        return {"buffer_size": len(self.buffer), "buffer_tasks": len(self.tasks), "seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer = [Example(**e) for e in state["buffer"]]

@@ -55,6 +55,7 @@ class TaskBalanced(Strategy):
     """
 
     name = "task_balanced"
+    uses_model = False  # picks data only: runs under FSDP too
 
     def __init__(self, config: TaskBalancedConfig | None = None):
         self.config = config or TaskBalancedConfig()

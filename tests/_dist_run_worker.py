@@ -1,6 +1,8 @@
-"""One continual run in every rank (started by tests/test_distributed_run.py under torchrun).
+"""One continual run in every rank (started by tests/test_distributed_run.py and tests/test_fsdp_run.py
+under torchrun).
 
-Each rank saves what the test compares, beside the run directory: its R and its trainable weights.
+Each rank saves what the tests compare, beside the run directory: its R, its trainable weights
+(whole: FSDP shards all-gathered) and how many of their entries the rank itself holds.
 """
 
 import json
@@ -8,6 +10,7 @@ import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from continual_ft.config import make_config
 from continual_ft.distributed import get_dist
@@ -18,7 +21,10 @@ if __name__ == "__main__":
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     results = run(make_config(overrides, tuple(STRATEGIES)), progress=False)
     dist = get_dist()
-    weights = {n: p.detach().contiguous() for n, p in results.model.named_parameters() if "lora_" in n}
+    lora = {n: p for n, p in results.model.named_parameters() if "lora_" in n}
+    held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in lora.values())
+    weights = {n: t.contiguous() for n, t in dist.full_tensors(lora).items()}
     save_file(weights, str(out / f"rank{dist.rank}.safetensors"))
-    (out / f"rank{dist.rank}.json").write_text(json.dumps({"R": results.data["R"], "world": dist.world}))
+    info = {"R": results.data["R"], "world": dist.world, "fsdp": dist.is_fsdp, "held": held}
+    (out / f"rank{dist.rank}.json").write_text(json.dumps(info))
     dist.close()

@@ -50,7 +50,7 @@ def test_run_writes_results_and_prints_matrix(finished_run):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["complete"] and results["tasks"] == ["colors", "animals"]
     assert len(results["R"]["accuracy"]) == 3 and all(len(r) == 2 for r in results["R"]["accuracy"])
-    assert set(results["metrics"]["accuracy"]) == {"acc", "bwt", "fwt", "forgetting"}
+    assert set(results["metrics"]["accuracy"]) == {"acc", "bwt", "fwt", "forgetting", "aia", "max_drop"}
     for name in [
         "config.yaml",
         "results.csv",

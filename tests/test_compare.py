@@ -6,7 +6,7 @@ import pytest
 import yaml
 from toy import write_toy_scenario
 
-from continual_ft import runner
+from continual_ft import predictions, runner
 from continual_ft.cli import main
 from continual_ft.compare import Entry, compare, find_finished, format_stage_table, grid_configs, split_values
 from continual_ft.config import make_config
@@ -154,3 +154,104 @@ def test_compare_bad_input_is_one_line_and_exit_2(args, message, tmp_path, monke
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("seeds")
+    scenario = write_toy_scenario(tmp / "data")
+    args = [f"scenario={scenario}", *FAST, f"output_dir={tmp / 'runs'}", "strategy=naive,joint", "seed=0,1"]
+    return tmp, args, compare(args, progress=False, log=lambda _: None)
+
+
+def _table_rows(text: str, first_header: str) -> dict[str, list[str]]:
+    """The markdown table whose first header cell is ``first_header``: {first cell: other cells}."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} "))
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if not cells[0].startswith("---"):  # the rule under the header
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_seed_grid_groups_runs_and_reports_mean_std_and_interval(seeded):
+    tmp, _, result = seeded
+    assert [e.name for e in result.entries] == [
+        "toy-naive-continue-seed0",
+        "toy-naive-continue-seed1",
+        "toy-joint-continue-seed0",
+        "toy-joint-continue-seed1",
+    ]
+    assert [(g.name, g.seeds) for g in result.groups] == [
+        ("toy-naive-continue", [0, 1]),
+        ("toy-joint-continue", [0, 1]),
+    ]
+    rows = _table_rows((result.out / "report.md").read_text(), "configuration")
+    naive = result.groups[0]
+    accs = [e.results["metrics"]["accuracy"]["acc"] for e in naive.runs]
+    mean, std = sum(accs) / 2, abs(accs[0] - accs[1]) / 2**0.5
+    interval = naive.estimates["accuracy"]["acc"][2]
+    assert rows["toy-naive-continue"][:2] == [
+        "0, 1",
+        f"{100 * mean:.1f} ± {100 * std:.1f} [{100 * interval.low:.1f}, {100 * interval.high:.1f}]",
+    ]
+    assert interval.low <= mean <= interval.high
+    assert all(" ± " in c and "[" in c for c in rows["toy-joint-continue"][1:])
+    diffs = _table_rows(result.table.split("\n\n")[1], "configuration")
+    assert diffs["configuration"] == ["ACC − naive", "BWT − naive", "ACC − joint", "BWT − joint"]
+    assert diffs["toy-naive-continue"][:2] == ["—", "—"] and diffs["toy-joint-continue"][2:] == ["—", "—"]
+    assert diffs["toy-naive-continue"][2].count("[") == 1
+    assert (result.out / "acc_bwt.png").stat().st_size > 1000
+
+
+def test_seed_intervals_are_reproducible_and_printed_by_the_cli(seeded, capsys):
+    tmp, args, result = seeded
+    main(["compare", *args, "--out", str(tmp / "again"), "--quiet"])
+    out = capsys.readouterr().out
+    assert out.count("reused ") == 4
+    assert _table_rows(out, "configuration") == _table_rows(result.table, "configuration")
+    # the runs of one configuration given as directories are grouped the same way
+    a, b = (e.run_dir for e in result.entries[:2])
+    main(["compare", str(a), str(b), "--out", str(tmp / "dirs")])
+    rows = _table_rows(capsys.readouterr().out, "configuration")
+    assert list(rows)[1:] == ["toy-naive-continue"] and rows["toy-naive-continue"][0] == "0, 1"
+
+
+def test_single_seed_configurations_have_an_interval_over_examples_and_no_std(grid):
+    _, _, result, _ = grid
+    assert [len(g.runs) for g in result.groups] == [1, 1, 1, 1]
+    rows = _table_rows((result.out / "report.md").read_text(), "configuration")
+    for g in result.groups:
+        acc = rows[g.name][1]
+        assert "±" not in acc and acc.count("[") == 1
+    assert "With one seed the interval covers test-example sampling only" in (result.out / "report.md").read_text()
+
+
+def test_predictions_stored_for_every_row_agree_with_R(grid):
+    _, _, result, _ = grid
+    for e in result.entries:
+        d, run_dir = e.results, e.run_dir
+        files = sorted(p.name for p in (run_dir / "predictions").iterdir())
+        assert files == [f"row{i}.jsonl" for i in range(len(d["rows"]))] == ["row0.jsonl", "row1.jsonl", "row2.jsonl"]
+        for i in range(len(d["rows"])):
+            lines = (run_dir / "predictions" / f"row{i}.jsonl").read_text().splitlines()
+            assert len(lines) == 16  # 8 test examples per task, 2 tasks
+            row = predictions.load_row(run_dir, i)
+            for j, task in enumerate(d["tasks"]):
+                preds = row[task]
+                assert len(preds) == 8 and all(len(p["loglik"]) == len(d["labels"][task]) for p in preds)
+                assert all(p["chosen"] == max(range(len(p["loglik"])), key=p["loglik"].__getitem__) for p in preds)
+                accuracy = sum(p["chosen"] == p["gold"] for p in preds) / len(preds)
+                assert d["R"]["accuracy"][i][j] == pytest.approx(accuracy)
+                gold, chosen = [p["gold"] for p in preds], [p["chosen"] for p in preds]
+                assert d["R"]["macro_f1"][i][j] == pytest.approx(predictions.macro_f1(gold, chosen))
+                recall = d["per_class"][i][task]
+                assert sum(c["n"] for c in recall.values()) == 8
+        assert set(d["metrics"]["macro_f1"]) >= {"acc", "bwt", "aia", "max_drop"}
+        assert set(d["largest_drop"]["accuracy"]) == set(d["tasks"])
+        for png in ("forgetting_matrix_macro_f1.png", "stream.png"):
+            assert (run_dir / png).stat().st_size > 1000

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from continual_ft._sources import NEAR_DUPLICATE, _near_duplicate_groups, _shingles
 from continual_ft._spec import OPTIONS
 from continual_ft.data import SOURCES, SPLITS, TaskSpec, build_task, icd10_chapter, split_of
 from continual_ft.errors import ContinualFTError
@@ -25,7 +26,7 @@ def all_examples(task):
 
 
 def test_sources_registry():
-    assert set(SOURCES) == {"licenses", "icd10", "jsonl", "csv", "parquet", "hf"}
+    assert set(SOURCES) == {"licenses", "license_rules", "icd10", "edam", "jsonl", "csv", "parquet", "hf"}
     assert list(SOURCES) == list(OPTIONS)  # a TaskSpec checks its source against OPTIONS
 
 
@@ -97,6 +98,102 @@ def test_licenses_options_and_label_filter():
     assert {e.answer for e in examples} == {"Copyleft", "Commercial"}
     assert all(len(e.prompt) <= 120 + len("\n\nAnswer:") for e in examples)
     assert max(collections.Counter(e.group for e in examples).values()) == 1
+
+
+def jaccard(a: str, b: str) -> float:
+    x, y = _shingles(a), _shingles(b)
+    return len(x & y) / len(x | y)
+
+
+def test_near_duplicate_groups_by_hand():
+    window = [" ".join(f"w{i}" for i in range(start, start + 20)) for start in (0, 4, 8)]  # overlapping windows
+    texts = [window[0], "licensed under the apache license version 2.0", window[1], window[2], "w0 w1 w2 w3"]
+    assert jaccard(window[0], window[1]) >= NEAR_DUPLICATE and jaccard(window[1], window[2]) >= NEAR_DUPLICATE
+    assert jaccard(window[0], window[2]) < NEAR_DUPLICATE  # joined through window 1 all the same
+    assert _near_duplicate_groups(texts) == [0, 1, 0, 0, 4]
+    assert _near_duplicate_groups(["MIT License.", "mit license"]) == [0, 0]  # case and punctuation do not count
+
+
+@pytest.fixture(scope="module")
+def license_rules():
+    return build_task(TaskSpec(name="license", source="license_rules", prompt="{rule}|{text}"), sample=False)
+
+
+def text_of(example):
+    return example.prompt.split("|", 1)[1]
+
+
+def test_license_rules_labels_and_split_by_near_duplicate_group(license_rules):
+    labels = ["mit", "apache-2.0", "bsd-new", "gpl-2.0", "gpl-3.0", "lgpl-2.1"]
+    assert license_rules.labels == labels
+    for split in SPLITS:
+        counts = collections.Counter(e.answer for e in getattr(license_rules, split))
+        assert set(counts) == set(labels) and min(counts.values()) >= (100 if split == "train" else 10)
+    for a, b in [("train", "test"), ("train", "validation"), ("validation", "test")]:
+        assert not groups(license_rules, a) & groups(license_rules, b)
+    examples = all_examples(license_rules)
+    assert all(e.group.startswith(e.answer + ":") for e in examples)
+    assert max(collections.Counter(e.group for e in examples).values()) == 2
+    texts = [text_of(e) for e in examples]
+    assert all(40 <= len(t) <= 400 for t in texts) and len(set(texts)) == len(texts)
+    # The point of the groups: no test text has a near-duplicate of its own license in training.
+    train = collections.defaultdict(list)
+    for e in license_rules.train:
+        train[e.answer].append(_shingles(text_of(e)))
+    for e in license_rules.test:
+        mine = _shingles(text_of(e))
+        assert all(len(mine & t) / len(mine | t) < NEAR_DUPLICATE for t in train[e.answer]), e.prompt
+
+
+def test_license_rules_fold_plus_and_skip_multi_license_rules():
+    spec = TaskSpec(
+        name="l",
+        source="license_rules",
+        prompt="{rule}|{text}",
+        labels=["gpl-2.0", "apache-2.0", "gpl-1.0"],
+        options={"max_per_group": 10_000},
+    )
+    by_rule = {e.prompt.split("|")[0]: e for e in all_examples(build_task(spec, sample=False))}
+    assert by_rule["gpl-2.0-plus_10"].answer == "gpl-2.0"  # "GPL version 2 (or any later version)"
+    assert "GPL version 2 (or any later version)" in by_rule["gpl-2.0-plus_10"].prompt
+    assert by_rule["apache-2.0_30"].answer == "apache-2.0"
+    assert by_rule["gpl-1.0-plus_1"].answer == "gpl-1.0"
+    records = SOURCES["license_rules"](TaskSpec(name="l", source="license_rules", options={"max_per_group": 10_000}), 0)
+    assert all(" " not in r["label"] and not r["label"].endswith("-plus") for r in records)
+    rules = {r["rule"] for r in records}
+    assert "gpl-2.0_or_bsd-new_17" not in rules  # "gpl-2.0 OR bsd-new": several licenses
+    assert "gpl-2.0_1111" in rules  # "licensed under the terms of the GNU General Public License (GPL) version 2"
+    with pytest.raises(ContinualFTError, match=r"'gpl-2.0-plus' has no examples in source license_rules"):
+        build_task(TaskSpec(name="l", source="license_rules", labels=["gpl-2.0-plus"]))
+
+
+@pytest.fixture(scope="module")
+def edam():
+    return build_task(TaskSpec(name="bio", source="edam", prompt="{name}|{text}"), sample=False)
+
+
+def test_edam_branches_split_by_parent_concept(edam):
+    assert edam.labels == ["data", "format", "operation", "topic"]
+    for split in SPLITS:
+        assert {e.answer for e in getattr(edam, split)} == set(edam.labels)
+    for a, b in [("train", "test"), ("train", "validation"), ("validation", "test")]:
+        assert not groups(edam, a) & groups(edam, b)
+    examples = all_examples(edam)
+    assert len(examples) > 1200 and max(collections.Counter(e.group for e in examples).values()) == 6
+    assert all(e.group.split("_")[0] in edam.labels for e in examples)
+
+
+def test_edam_known_concept_lands_with_its_branch_and_parent():
+    spec = TaskSpec(name="bio", source="edam", prompt="{name}|{text}", options={"max_per_group": 10_000})
+    by_name = {e.prompt.split("|")[0]: e for e in all_examples(build_task(spec, sample=False))}
+    checksum = by_name["Sequence checksum generation"]
+    assert (checksum.prompt, checksum.answer, checksum.group) == (
+        "Sequence checksum generation|Generate a checksum of a molecular sequence.",
+        "operation",
+        "operation_3429",
+    )
+    assert by_name["BAM"].answer == "format" and by_name["Laboratory animal science"].answer == "topic"
+    assert "Index format" not in by_name  # obsolete
 
 
 @pytest.mark.parametrize(
@@ -353,7 +450,8 @@ def test_empty_task_and_empty_test_split(tmp_path):
     [
         (
             {"source": "tsv"},
-            r"field 'source'.*unknown source 'tsv'; choose from: licenses, icd10, jsonl, csv, parquet, hf",
+            r"field 'source'.*unknown source 'tsv'; choose from: licenses, license_rules, icd10, edam, jsonl, csv, "
+            r"parquet, hf$",
         ),
         ({"sizes": {"train": 0}}, r"field 'sizes.train'.*positive integer, got 0"),
         ({"sizes": {"dev": 5}}, r"field 'sizes.dev'.*unknown split"),

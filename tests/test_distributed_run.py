@@ -82,3 +82,14 @@ def test_only_the_first_process_writes(runs):
     leftovers = [p for p in (runs / "runs" / "two").rglob(".*")]
     assert not leftovers  # no half-written temporary files from a second writer
     assert {p.name for p in (runs / "runs" / "two" / "adapters").iterdir()} == {"stage1", "stage2"}
+
+
+def test_penalty_and_log_as_one_process(runs):
+    """EWC's penalty, summed over the ranks, is the one process's; rank 0 alone writes log.jsonl."""
+    one, two = (json.loads((runs / "runs" / name / "results.json").read_text()) for name in ("one", "two"))
+    assert two["stage_stats"][1]["penalty"] > 0
+    assert two["stage_stats"][1]["penalty"] == pytest.approx(one["stage_stats"][1]["penalty"], rel=1e-4)
+    entries = [json.loads(line) for line in (runs / "runs" / "two" / "log.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in entries if e["kind"] == "step"]
+    assert steps == list(range(1, sum(s["steps"] for s in two["stage_stats"]) + 1))  # each step once
+    assert [e["stage"] for e in entries if e["kind"] == "stage"] == [0, 1, 2]

@@ -11,6 +11,7 @@ from continual_ft import models
 from continual_ft.adapters import save_stage, start_stage
 from continual_ft.config import LoraConfig
 from continual_ft.plots import save_figure
+from continual_ft.predictions import write_row
 from continual_ft.results import atomic_dir, atomic_write, umask, write_json
 
 
@@ -43,6 +44,8 @@ def test_written_files_and_figures_follow_the_umask(tmp_path, mask):
         assert mode(tmp_path / name) == 0o666 & ~mask, name
     assert mode(tmp_path / "results.json") == (0o644 if mask == 0o022 else 0o640)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "forgetting_matrix.png", "results.json"]
+    row = write_row(tmp_path, 0, {"colors": [{"gold": 0, "chosen": 1, "loglik": [-1.0, -0.5], "answer": "red"}]})
+    assert mode(row) == 0o666 & ~mask and mode(row.parent) == 0o777 & ~mask
 
 
 def test_atomic_dir_follows_the_umask(tmp_path, mask):

@@ -89,17 +89,25 @@ def test_killed_in_stage_2_then_resumed_equals_uninterrupted(tmp_path, adapter):
     _kill_inside_stage_2([*args, "name=killed"], tmp_path, killed)
     partial = json.loads((killed / "results.json").read_text())
     assert partial["complete"] is False and partial["rows"] == ["before training", "after colors"]
+    # every row results.json lists has its predictions on disk
+    assert sorted(p.name for p in (killed / "predictions").iterdir()) == ["row0.jsonl", "row1.jsonl"]
 
     proc = subprocess.run([*CLI, "resume", str(killed), "--quiet"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     a, b = (json.loads((d / "results.json").read_text()) for d in (whole, killed))
     assert b["complete"] and b["resumed"] and b["R"] == a["R"] and b["metrics"] == a["metrics"]
     assert b["stage_stats"][1]["resumed_at_step"] >= 2 and b["stage_stats"][0]["resumed_at_step"] is None
+    # the strategies' mean penalty counts the steps before the kill too (they are in the checkpoint)
+    penalty = b["stage_stats"][1]["penalty"]
+    assert penalty > 0 and penalty == pytest.approx(a["stage_stats"][1]["penalty"])
     assert [p["from"] for p in b["parts"]][0] == "start" and b["parts"][1]["from"].startswith("stage 2, step ")
     assert all(p["seconds"] > 0 for p in b["parts"]) and b["total_seconds"] == pytest.approx(
         sum(p["seconds"] for p in b["parts"])
     )
     assert _files(whole) == _files(killed)
+    predictions = {p.name: p.read_bytes() for p in (whole / "predictions").iterdir()}
+    assert sorted(predictions) == ["row0.jsonl", "row1.jsonl", "row2.jsonl"]
+    assert predictions == {p.name: p.read_bytes() for p in (killed / "predictions").iterdir()}
     assert not (killed / "resume").exists()  # a finished run keeps no resume state
     # Strategy state: safetensors and JSON only, never a pickle.
     state_files = {p.name for p in (killed / "strategy_state").rglob("*") if p.is_file()}

@@ -5,12 +5,19 @@ import textwrap
 
 import pandas as pd
 import pytest
+import yaml
 
 from continual_ft.config import make_config
 from continual_ft.errors import ContinualFTError
 from continual_ft.scenario import METRICS, Scenario, list_scenarios, load_scenario, scenario_files
 
-SHIPPED = ["legal_then_medical", "medical_then_legal", "legal_medical_joint"]
+#: Shipped scenario -> its tasks and their sources.
+SHIPPED = {
+    "legal_then_medical": {"legal": "licenses", "medical": "icd10"},
+    "medical_then_legal": {"medical": "icd10", "legal": "licenses"},
+    "legal_medical_joint": {"legal": "licenses", "medical": "icd10"},
+    "three_domains": {"license": "license_rules", "medical": "icd10", "bio": "edam"},
+}
 
 
 def test_shipped_scenarios_listed():
@@ -26,7 +33,9 @@ def test_shipped_scenario_loads(name, quick):
     s = load_scenario(name, quick=quick)
     assert isinstance(s, Scenario) and s.name == name and s.metric in METRICS
     assert s.source_file.endswith(f"{name}.yaml")
-    assert set(s.tasks) == {"legal", "medical"}
+    assert set(s.tasks) == set(SHIPPED[name])
+    declared = yaml.safe_load(scenario_files()[name].read_text())["tasks"]
+    assert {t: declared[t]["source"] for t in s.tasks} == SHIPPED[name]
     assert {t for stage in s.stages for t in stage.tasks} == set(s.tasks)
     for task in s.tasks.values():
         assert (len(task.train), len(task.validation), len(task.test)) == ((48, 16, 32) if quick else (600, 64, 150))
@@ -44,6 +53,30 @@ def test_shipped_sizes_and_joint_stage():
         "medical": (600, 64, 150),
     }
     assert len(s.tasks["medical"].labels) == 8 and len(s.tasks["legal"].labels) == 5
+
+
+def test_category_task_keeps_its_name_and_labels():
+    # Earlier results (the README's legal → medical studies) were measured on this task: it stays as it was.
+    for name in ("legal_then_medical", "medical_then_legal", "legal_medical_joint"):
+        legal = load_scenario(name, quick=True).tasks["legal"]
+        assert legal.labels == ["Permissive", "Copyleft", "Copyleft Limited", "Proprietary Free", "Commercial"]
+        assert legal.test[0].prompt.startswith("Which kind of software license is this text from?")
+
+
+def test_three_domains_is_a_longer_stream_with_a_task_that_comes_back():
+    s = load_scenario("three_domains", quick=True)
+    assert [(st.name, st.tasks) for st in s.stages] == [
+        ("license", ["license"]),
+        ("medical", ["medical"]),
+        ("bio", ["bio"]),
+        ("license_again", ["license"]),
+    ]
+    assert len(set(SHIPPED["three_domains"].values())) == 3  # three domains, from three PyPI data packages
+    assert s.tasks["license"].labels == ["mit", "apache-2.0", "bsd-new", "gpl-2.0", "gpl-3.0", "lgpl-2.1"]
+    assert s.tasks["medical"].labels == load_scenario("legal_then_medical", quick=True).tasks["medical"].labels
+    assert s.tasks["bio"].labels == ["data", "format", "operation", "topic"]
+    for task in s.tasks.values():
+        assert {e.answer for e in task.test} == set(task.labels)  # balanced: every label is asked
 
 
 def test_same_seed_same_examples_and_sizes_override():

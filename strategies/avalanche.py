@@ -1,0 +1,196 @@
+"""Avalanche's own strategies (https://avalanche.continualai.org), run by Avalanche's training loop on our
+model, LoRA adapter and data, inside our runner: ``python cli.py run strategy=avalanche:ewc``.
+
+The runner sets up each stage's adapter, then hands the stage to :meth:`AvalancheStrategy.train_stage`
+instead of our trainer; it evaluates with our evaluator and writes the same run directory, so
+``compare`` puts ``avalanche:ewc`` beside our ``ewc``. Avalanche is imported only when such a run
+starts (``continual_ft.integrations.avalanche`` says how a causal LM meets its classifier API).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+
+from continual_ft.errors import ContinualFTError
+from continual_ft.strategies.base import Strategy
+
+__all__ = ["AVALANCHE_STRATEGIES", "AvalancheStrategy"]
+
+
+@dataclass
+class AvalancheNaiveConfig:
+    """Avalanche's ``Naive`` has no settings."""
+
+
+@dataclass
+class AvalancheReplayConfig:
+    mem_size: int = field(default=200, metadata={"help": "examples in Avalanche's experience-balanced buffer"})
+
+    def __post_init__(self):
+        if self.mem_size < 1:
+            raise ContinualFTError(f"avalanche:replay.mem_size must be >= 1, got {self.mem_size}")
+
+
+@dataclass
+class AvalancheEWCConfig:
+    ewc_lambda: float = field(default=100.0, metadata={"help": "penalty weight: loss += λ Σ F (θ − θ*)², F unscaled"})
+    mode: str = field(default="separate", metadata={"help": "separate (one penalty per experience) or online"})
+    decay_factor: float | None = field(default=None, metadata={"help": "online mode: decay of the old importances"})
+
+    def __post_init__(self):
+        if self.mode not in ("separate", "online"):
+            raise ContinualFTError(f"avalanche:ewc.mode must be separate or online, got {self.mode!r}")
+        if (self.mode == "online") != (self.decay_factor is not None):
+            raise ContinualFTError("avalanche:ewc.decay_factor is set exactly when avalanche:ewc.mode=online")
+
+
+@dataclass
+class AvalancheLwFConfig:
+    alpha: float = field(default=1.0, metadata={"help": "distillation weight"})
+    temperature: float = field(default=2.0, metadata={"help": "softmax temperature"})
+
+
+@dataclass
+class AvalancheSIConfig:
+    si_lambda: float = field(default=1.0, metadata={"help": "Synaptic Intelligence penalty weight"})
+    eps: float = field(default=1e-7, metadata={"help": "damping of the importance denominator"})
+
+
+@dataclass
+class AvalancheMASConfig:
+    lambda_reg: float = field(default=1.0, metadata={"help": "Memory Aware Synapses penalty weight"})
+    alpha: float = field(default=0.5, metadata={"help": "running-average weight of the importances"})
+
+
+@dataclass
+class AvalancheAGEMConfig:
+    patterns_per_exp: int = field(default=100, metadata={"help": "examples kept per experience"})
+    sample_size: int = field(default=16, metadata={"help": "memory examples per reference gradient"})
+
+
+@dataclass
+class AvalancheCumulativeConfig:
+    """Avalanche's ``Cumulative`` (trains on every experience so far) has no settings."""
+
+
+class AvalancheStrategy(Strategy):
+    """Base of the ``avalanche:*`` entries: ``avalanche_class`` from ``avalanche.training``, its settings
+    the config's fields. It trains alone (no ``+``): its plugins, not our hooks, act inside its loop."""
+
+    name = "avalanche"
+    avalanche_class = ""
+
+    def __init__(self, config=None):
+        self.config = config or STRATEGY_CONFIGS[self.name]()
+        self.template = None  # the Avalanche strategy, made at the first stage; its plugins hold the state
+        self.task_ids: dict[str, int] = {}
+        self.stages = 0
+
+    def check_run(self, config) -> None:
+        """What the Avalanche loop cannot do, refused before a run directory is made."""
+        from continual_ft.integrations.avalanche import require_avalanche
+
+        require_avalanche(f"strategy={self.name}")
+        if "+" in config.strategy:
+            raise ContinualFTError(f"strategy={self.name} runs alone (Avalanche's plugins act inside its own loop)")
+        t = config.train
+        unsupported = {
+            "train.grad_accum": t.grad_accum != 1,
+            "train.max_tokens": t.max_tokens != 0,
+            "train.packing": t.packing,
+            "train.eval_every": t.eval_every != 0,
+            "train.patience": t.patience != 0,
+            "train.checkpoint_every": t.checkpoint_every != 0,
+            "train.checkpoint_minutes": t.checkpoint_minutes != 0,
+        }
+        bad = [k for k, on in unsupported.items() if on]
+        if bad:
+            raise ContinualFTError(f"strategy={self.name} trains in Avalanche's loop, which has no {bad[0]}")
+
+    def make_template(self, model, device, cfg, plugins=()):
+        """The Avalanche strategy over ``model`` (a ``CausalLMClassifier``), logging nothing."""
+        import avalanche.training
+        import torch
+        from avalanche.training.plugins import EvaluationPlugin
+
+        cls = getattr(avalanche.training, self.avalanche_class)
+        with warnings.catch_warnings():  # "No loggers specified": on purpose
+            warnings.simplefilter("ignore")
+            return cls(
+                model=model,
+                optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr),
+                criterion=torch.nn.CrossEntropyLoss(),  # ignore_index=-100: the mean answer-token loss
+                train_mb_size=cfg.batch_size,
+                train_epochs=cfg.epochs,
+                eval_mb_size=cfg.batch_size,
+                device=device,
+                plugins=list(plugins),
+                evaluator=EvaluationPlugin(loggers=[]),  # our runner evaluates and records
+                **asdict(self.config),
+            )
+
+    def train_stage(self, model, encoder, examples, validation, cfg, strategies=(), stage=None, **kw):
+        """One stage with Avalanche's loop; the runner's signature of ``continual_ft.trainer.train_stage``."""
+        import torch
+
+        from continual_ft.integrations import avalanche as av
+        from continual_ft.trainer import validation_loss
+
+        dist = kw.get("dist")
+        if dist is not None and dist.world > 1:
+            raise ContinualFTError(f"strategy={self.name} runs in one process")
+        autocast = kw.get("autocast")
+        wrapped = av.CausalLMClassifier(model, autocast) if autocast else av.CausalLMClassifier(model)
+        device = next(model.parameters()).device
+        if self.template is None:
+            self.template = self.make_template(wrapped, device, cfg)
+        self.template.model = wrapped  # the runner may have given the model a new adapter
+        for t in dict.fromkeys(e.task for e in examples):
+            self.task_ids.setdefault(t, len(self.task_ids))
+        torch.manual_seed(kw.get("seed", 0))  # Avalanche's loaders shuffle with torch's generator
+        exp = av.experience(examples, encoder, self.task_ids, self.stages)
+        stats = av.run_experience(self.template, exp, cfg, desc=kw.get("desc", "train"))
+        self.stages += 1
+        if validation:
+            stats.val_losses = [validation_loss(model, encoder, validation, cfg.batch_size, wrapped.autocast)]
+            stats.best_val_loss = stats.val_losses[0]
+        return stats
+
+    def state_dict(self) -> dict:
+        # Avalanche's plugins keep their state (buffers, importances, the teacher) in memory only.
+        return {"stages": self.stages}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("stages"):
+            raise ContinualFTError(
+                f"strategy={self.name} cannot resume after stage {state['stages']}: Avalanche's plugins keep "
+                "their state in memory only; start the run again"
+            )
+
+
+def _entry(name: str, avalanche_class: str, config_cls: type, doc: str) -> type:
+    return type(
+        f"Avalanche{avalanche_class}",
+        (AvalancheStrategy,),
+        {"name": name, "avalanche_class": avalanche_class, "__doc__": doc, "__module__": __name__},
+    )
+
+
+_ENTRIES = [
+    ("avalanche:naive", "Naive", AvalancheNaiveConfig, "Avalanche's Naive: plain fine-tuning in Avalanche's loop."),
+    ("avalanche:replay", "Replay", AvalancheReplayConfig, "Avalanche's Replay: experience-balanced buffer batches."),
+    ("avalanche:ewc", "EWC", AvalancheEWCConfig, "Avalanche's EWC: importances of every parameter, whole-data pass."),
+    ("avalanche:lwf", "LwF", AvalancheLwFConfig, "Avalanche's LwF: distils a full copy of the previous model."),
+    ("avalanche:si", "SynapticIntelligence", AvalancheSIConfig, "Avalanche's Synaptic Intelligence."),
+    ("avalanche:mas", "MAS", AvalancheMASConfig, "Avalanche's Memory Aware Synapses."),
+    ("avalanche:agem", "AGEM", AvalancheAGEMConfig, "Avalanche's A-GEM: gradient projection on a memory sample."),
+    ("avalanche:cumulative", "Cumulative", AvalancheCumulativeConfig, "Avalanche's Cumulative: all data so far."),
+]
+
+STRATEGY_CONFIGS: dict[str, type] = {name: config for name, _, config, _ in _ENTRIES}
+
+#: Registry entries, ``name -> (strategy class, config dataclass)``, merged into ``STRATEGIES``.
+AVALANCHE_STRATEGIES: dict[str, tuple[type[Strategy], type]] = {
+    name: (_entry(name, cls_name, config, doc), config) for name, cls_name, config, doc in _ENTRIES
+}
