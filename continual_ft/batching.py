@@ -16,7 +16,7 @@ import torch
 
 from continual_ft.data import Example
 
-__all__ = ["Encoded", "Encoder", "collate", "collate_packed", "length_grouped_batches", "to_device"]
+__all__ = ["Encoded", "Encoder", "collate", "collate_packed", "length_grouped_batches", "split_batch", "to_device"]
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,15 @@ def length_grouped_batches(
         rng.shuffle(batches)
     for b in batches:
         yield [items[i] for i in b]
+
+
+def split_batch(items: Sequence[Encoded], max_tokens: int, packed: bool = False) -> list[list[Encoded]]:
+    """``items`` in consecutive parts of at most ``max_tokens`` computed tokens each (one part if they fit;
+    an example longer than that gets a part of its own). Sorted by length first, so padding stays small."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i]))
+    if max_tokens <= 0 or _cost([len(e) for e in items], packed) <= max_tokens:
+        return [list(items)]
+    return [[items[i] for i in part] for part in _cut(order, items, len(items), max_tokens, packed)]
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -75,6 +75,16 @@ class TrainConfig:
         False,
     )
     grad_accum: int = _help("micro-batches per optimizer step (effective batch = batch_size × grad_accum)", 1)
+    micro_tokens: int = _help(
+        "most padded tokens per forward pass: a bigger micro-batch is split and its gradients added up (the same "
+        "step, less activation memory; one process only); 0 = 1024 on CPU, no split elsewhere; -1 = never split",
+        0,
+    )
+    attention: str = _help(
+        "attention kernel while training: auto (eager on CPU, where it trains LoRA ~1.3x faster than sdpa; the "
+        "model's own elsewhere), or a transformers attn_implementation (sdpa, eager, ...); evaluation keeps its own",
+        "auto",
+    )
     epochs: int = _help("passes over each stage's training data", 1)
     max_steps: int = _help("optimizer steps per stage; 0 = as many as `epochs` gives", 0)
     weight_decay: float = _help("AdamW weight decay on adapter weights", 0.0)
@@ -96,6 +106,7 @@ class TrainConfig:
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _require(self.max_tokens >= 0, f"train.max_tokens must be >= 0, got {self.max_tokens}")
         _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        _require(self.micro_tokens >= -1, f"train.micro_tokens must be >= -1, got {self.micro_tokens}")
         _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
