@@ -77,7 +77,7 @@ class TrainConfig:
     grad_accum: int = _help("micro-batches per optimizer step (effective batch = batch_size × grad_accum)", 1)
     micro_tokens: int = _help(
         "most padded tokens per forward pass: a bigger micro-batch is split and its gradients added up (the same "
-        "step, less activation memory; one process only); 0 = 1024 on CPU, no split elsewhere; -1 = never split",
+        "step, less activation memory; one process only); 0 = 768 on CPU, no split elsewhere; -1 = never split",
         0,
     )
     attention: str = _help(

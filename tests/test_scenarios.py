@@ -17,6 +17,7 @@ SHIPPED = {
     "medical_then_legal": {"medical": "icd10", "legal": "licenses"},
     "legal_medical_joint": {"legal": "licenses", "medical": "icd10"},
     "three_domains": {"license": "license_rules", "medical": "icd10", "bio": "edam"},
+    "license_then_bio": {"license": "license_rules", "bio": "edam"},
 }
 
 

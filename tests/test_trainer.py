@@ -137,3 +137,50 @@ print(high - peak_memory_mb(cpu))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.split()[-1]) > 200
+
+
+def _trained(model, enc, **train):
+    cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=3, warmup_steps=0, **train)
+    train_stage(model, enc, examples(16), [], cfg, progress=False)
+    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_split_batches_train_the_same_steps(setup):
+    """``train.micro_tokens`` splits a batch into forward passes of at most that many padded tokens: the same
+    optimizer steps (the loss is normalised by the step's token count), in less memory per pass."""
+    model, enc = setup
+    widths = [len(enc.encode(e)) for e in examples(16)]
+    assert 8 * max(widths) > 2 * max(widths)  # a budget of two rows does split every batch of 8
+    whole = _trained(copy.deepcopy(model), enc, micro_tokens=-1)
+    split = _trained(copy.deepcopy(model), enc, micro_tokens=2 * max(widths))
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(whole, [p for p in model.parameters() if p.requires_grad]))
+
+
+def test_split_batch_respects_the_budget(setup):
+    from continual_ft.batching import split_batch
+
+    _, enc = setup
+    items = [enc.encode(e) for e in examples(8)]
+    budget = 3 * max(len(it) for it in items)
+    parts = split_batch(items, budget)
+    assert len(parts) > 1 and sorted(map(id, sum(parts, []))) == sorted(map(id, items))
+    assert all(len(p) * max(len(it) for it in p) <= budget for p in parts)
+    assert split_batch(items, 0) == [items]
+
+
+def test_training_attention_is_set_while_training_and_restored(setup):
+    model, enc = setup
+    base = model.get_base_model()
+    seen = []
+    hook = base.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args: seen.append(module.config._attn_implementation)
+    )
+    before = base.config._attn_implementation
+    try:
+        _trained(model, enc, attention="eager" if before != "eager" else "sdpa")
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {"eager" if before != "eager" else "sdpa"}
+    assert base.config._attn_implementation == before
