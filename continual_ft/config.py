@@ -106,6 +106,11 @@ class TrainConfig:
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _require(self.max_tokens >= 0, f"train.max_tokens must be >= 0, got {self.max_tokens}")
         _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        attentions = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+        _require(
+            self.attention in attentions,
+            f"train.attention must be one of {', '.join(attentions)}, got {self.attention!r}",
+        )
         _require(self.micro_tokens >= -1, f"train.micro_tokens must be >= -1, got {self.micro_tokens}")
         _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
