@@ -22,7 +22,8 @@ Modes (W is a frozen base weight, B_k A_k the LoRA of stage k, s = α/r):
 * ``merge_final``: each stage trains a fresh adapter from the base model (only it is active while
   training), then the adapters of stages 1..k are combined into one (``merged``) with PEFT's
   ``add_weighted_adapter``, W x + Σ_j w_j ΔW_j for ``cat``/``svd`` (task arithmetic; ``svd`` truncates
-  the sum to rank r), or a TIES/DARE combination: model merging as a continual-learning strategy.
+  the sum to rank r), a TIES/DARE combination, or MagMax (per weight entry, the stage delta of
+  largest magnitude): model merging as a continual-learning strategy.
   Evaluation after stage k uses the combination of stages 1..k.
 
 Saved in standard PEFT format, each loadable with ``PeftModel.from_pretrained(base, dir)``:
@@ -34,8 +35,9 @@ tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -57,6 +59,7 @@ __all__ = [
     "restore",
     "save_stage",
     "combine",
+    "magmax",
     "adapter_names",
     "trainable_parameters",
     "dir_bytes",
@@ -190,9 +193,53 @@ def combine(model, names: list[str], cfg: MergeConfig, seed: int = 0) -> str:
     density = cfg.density if cfg.method in ("ties", "dare_ties") else None
     with torch.random.fork_rng():  # DARE drops at random: seed it, without disturbing training's RNG
         torch.manual_seed(seed)
-        model.add_weighted_adapter(names, weights, MERGED, combination_type=cfg.method, density=density)
+        if cfg.method == "magmax":
+            magmax(model, names, weights)
+        else:
+            model.add_weighted_adapter(names, weights, MERGED, combination_type=cfg.method, density=density)
     model.base_model.set_adapter(MERGED, inference_mode=True)
     return MERGED
+
+
+def magmax(model, names: list[str], weights: list[float]) -> None:
+    """MagMax (Marczak et al. 2024, https://arxiv.org/abs/2407.06322) of adapters ``names`` into ``merged``.
+
+    With ΔW_j = w_j s_j B_j A_j the delta of stage j, each entry keeps the delta of largest magnitude,
+    sign and all (the first stage's on a tie):
+
+        ΔW[o, i] = ΔW_j*[o, i],   j* = argmax_j |ΔW_j[o, i]|
+
+    An entry-wise choice is not low-rank, so ``merged`` holds ΔW exactly, at rank m = min(out, in) of
+    each layer (``rank_pattern``) and scaling 1: B = ΔW, A = I when in <= out, else B = I, A = ΔW.
+    Exact, at a price: ``merged`` is up to twice the size of the weights it targets (ΔW and an identity),
+    and a targeted layer computes up to twice its base's multiply-adds.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    modules = model.base_model.model.named_modules()
+    layers = {k: m for k, m in modules if isinstance(m, LoraLayer) and names[0] in m.lora_A}
+    deltas, pairs = {}, list(zip(names, weights))
+    for key, layer in layers.items():
+        if not all(isinstance(layer.lora_A[n], torch.nn.Linear) for n in names):
+            raise ContinualFTError(f"merge.method=magmax merges linear LoRA layers only; {key} is not one")
+        stacked = torch.stack(
+            [w * layer.scaling[n] * layer.lora_B[n].weight.float() @ layer.lora_A[n].weight.float() for n, w in pairs]
+        )
+        deltas[key] = stacked.gather(0, stacked.abs().argmax(0, keepdim=True)).squeeze(0)
+    # Escaped: PEFT matches a pattern key as a regex against the end of each module's name.
+    ranks = {re.escape(k): min(d.shape) for k, d in deltas.items()}
+    top = max(ranks.values())
+    config = replace(
+        model.peft_config[names[0]], r=top, lora_alpha=top, rank_pattern=ranks, alpha_pattern=ranks, use_rslora=False
+    )
+    model.add_adapter(MERGED, config)
+    with torch.no_grad():
+        for key, delta in deltas.items():
+            A, B = layers[key].lora_A[MERGED].weight, layers[key].lora_B[MERGED].weight
+            eye = torch.eye(min(delta.shape), dtype=A.dtype, device=A.device)
+            out, inp = delta.shape
+            A.copy_(eye if inp <= out else delta)
+            B.copy_(delta if inp <= out else eye)
 
 
 def finish_stage(

@@ -16,7 +16,16 @@ import torch
 
 from continual_ft.data import Example
 
-__all__ = ["Encoded", "Encoder", "collate", "collate_packed", "length_grouped_batches", "split_batch", "to_device"]
+__all__ = [
+    "Encoded",
+    "Encoder",
+    "collate",
+    "padded_width",
+    "collate_packed",
+    "length_grouped_batches",
+    "split_batch",
+    "to_device",
+]
 
 
 @dataclass(frozen=True)
@@ -70,9 +79,15 @@ class Encoder:
         return self._cache[key]
 
 
-def collate(items: Sequence[Encoded], pad_id: int) -> dict:
-    """Left-pad a list of encodings; labels are -100 except on answer tokens."""
-    width = max(len(e) for e in items)
+def padded_width(longest: int, multiple: int = 1) -> int:
+    """``longest`` rounded up to a multiple of ``multiple`` (``train.pad_to_multiple_of``)."""
+    return -(-longest // max(multiple, 1)) * max(multiple, 1)
+
+
+def collate(items: Sequence[Encoded], pad_id: int, multiple: int = 1) -> dict:
+    """Left-pad a list of encodings to the longest, rounded up to ``multiple``; labels are -100 except on
+    answer tokens. Padding is masked and positions count real tokens only, so the width changes no result."""
+    width = padded_width(max(len(e) for e in items), multiple)
     keep = max(len(e.answer_ids) for e in items) + 1
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), keep - 1), -100, dtype=torch.long)
@@ -94,14 +109,15 @@ def collate(items: Sequence[Encoded], pad_id: int) -> dict:
     }
 
 
-def collate_packed(items: Sequence[Encoded], pad_id: int = 0) -> dict:
+def collate_packed(items: Sequence[Encoded], pad_id: int = 0, multiple: int = 1) -> dict:
     """Pack encodings into one row, padding-free: positions restart at 0 for every example and there is
     no attention mask, which transformers reads as packed sequences (a block-diagonal causal mask under
     SDPA and eager attention, variable-length kernels under FlashAttention), so no example attends to another.
 
     ``logits_to_keep`` is the tensor of positions whose next token is an answer token, plus the row's
     last position, so the model projects only those onto the vocabulary and ``labels`` line up with
-    ``logits[:, :-1]`` exactly as for :func:`collate`.
+    ``logits[:, :-1]`` exactly as for :func:`collate`. A row rounded up to ``multiple`` ends in a
+    sequence of pad tokens of its own (positions restart), which no example attends to.
     """
     ids, positions, keep, labels = [], [], [], []
     for e in items:
@@ -112,6 +128,9 @@ def collate_packed(items: Sequence[Encoded], pad_id: int = 0) -> dict:
         first = start + len(e.prompt_ids) - 1  # predicts the first answer token
         keep += range(first, first + len(e.answer_ids))
         labels += e.answer_ids
+    real, fill = len(ids), padded_width(len(ids), multiple) - len(ids)
+    ids += [pad_id] * fill
+    positions += range(fill)
     keep.append(len(ids) - 1)
     return {
         "input_ids": torch.tensor([ids]),
@@ -119,7 +138,7 @@ def collate_packed(items: Sequence[Encoded], pad_id: int = 0) -> dict:
         "labels": torch.tensor([labels]),
         "logits_to_keep": torch.tensor(keep),
         "tasks": [e.task for e in items],
-        "n_tokens": len(ids),
+        "n_tokens": real,
         "packed": True,
     }
 

@@ -63,19 +63,9 @@ def check_fsdp(config: RunConfig, strategies: list, fsdp_version: int) -> None:
             f"adapter={config.adapter} under FSDP: only adapter=continue, whose tensors stay those FSDP sharded "
             "in stage 1 (a new adapter or a merge would change a sharded model)"
         )
-    for s in strategies:
-        if getattr(s, "uses_model", True):
+    for s in strategies:  # O-LoRA needs adapter=new, refused above
+        if getattr(s, "uses_model", True) and not getattr(s, "handles_shards", False):
             raise ContinualFTError(
-                f"strategy={s.name} under FSDP: it reads the model's parameters, which are per-rank shards there; "
-                "launch with DDP, or use a strategy that only picks data (naive, replay, joint, task_balanced)"
+                f"strategy={s.name} under FSDP: it reads the model's parameters, which are per-rank shards there, "
+                "and has no code for them; launch with DDP, or use naive, replay, joint, task_balanced, ewc or lwf"
             )
-    if config.train.checkpoint_every or config.train.checkpoint_minutes:
-        raise ContinualFTError(
-            "train.checkpoint_every/checkpoint_minutes under FSDP: in-stage checkpoints of sharded "
-            "weights and optimizer state are not written yet; stage boundaries are saved"
-        )
-    if config.quantize != "none":
-        raise ContinualFTError(
-            "quantize=nf4 under FSDP: FSDP needs bnb_4bit_quant_storage equal to the compute dtype "
-            "(torch.bfloat16), which the run does not set yet; launch QLoRA with DDP or one process"
-        )

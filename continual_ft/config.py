@@ -42,6 +42,7 @@ MERGE_METHODS = {
     "linear": "weighted sum of the A and B factors separately (cheap; with several adapters adds cross terms)",
     "ties": "TIES (Yadav et al. 2023) on the A and B factors: trim to `density`, elect signs, merge",
     "dare_ties": "DARE (Yu et al. 2023) random drop to `density` and rescale, then TIES sign election",
+    "magmax": "MagMax (Marczak et al. 2024): per weight entry, the stage delta of largest magnitude (full rank)",
 }
 
 #: Bare command-line keys that stand for a dotted one.
@@ -80,10 +81,20 @@ class TrainConfig:
         "step, less activation memory; one process only); 0 = 768 on CPU, no split elsewhere; -1 = never split",
         0,
     )
+    pad_to_multiple_of: int = _help(
+        "round each micro-batch's padded width up to a multiple of this (fewer distinct shapes: on CPU each new one "
+        "builds and caches oneDNN kernels); 0 = 64 on CPU, 8 elsewhere; 1 = no rounding",
+        0,
+    )
     attention: str = _help(
         "attention kernel while training: auto (eager on CPU, where it trains LoRA ~1.3x faster than sdpa; the "
         "model's own elsewhere), or a transformers attn_implementation (sdpa, eager, ...); evaluation keeps its own",
         "auto",
+    )
+    gradient_checkpointing: bool = _help(
+        "recompute each decoder layer's activations in the backward pass instead of keeping them: less memory, "
+        "about one more forward of compute per step",
+        False,
     )
     epochs: int = _help("passes over each stage's training data", 1)
     max_steps: int = _help("optimizer steps per stage; 0 = as many as `epochs` gives", 0)
@@ -112,6 +123,7 @@ class TrainConfig:
             f"train.attention must be one of {', '.join(attentions)}, got {self.attention!r}",
         )
         _require(self.micro_tokens >= -1, f"train.micro_tokens must be >= -1, got {self.micro_tokens}")
+        _require(self.pad_to_multiple_of >= 0, f"train.pad_to_multiple_of must be >= 0, got {self.pad_to_multiple_of}")
         _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")

@@ -46,12 +46,16 @@ layer) all-gathers its weights just before its forward.
 * Every forward all-gathers, so all ranks must run the same number of forwards. Training does;
   evaluation and validation, which score each rank's share of the examples (and decode greedily,
   stopping early per batch), run inside :meth:`Dist.lockstep`.
-* A strategy whose hooks read parameters or run the model (EWC, LwF, O-LoRA) is refused: there its
-  tensors are DTensor shards, and a penalty's gradient reaches the shard without the averaging the
-  loss gets. Strategies with ``uses_model = False`` (they pick data) run as they are.
+* Strategies with ``uses_model = False`` (they pick data) run as they are. EWC and LwF read the
+  parameters, DTensor shards there, and handle them (``handles_shards``; docs/distributed.md): their
+  hooks see every batch on every rank, EWC keeps its rows of F and θ* and weighs its penalty's
+  gradient, which reaches the shard without the averaging the loss gets, to match one process.
+  Other strategies that use the model are refused.
 * The runner shards the model before its first evaluation (:meth:`Dist.shard_model`), with the
   adapter every stage trains already attached; the whole model is never on a process's device.
 * Saving gathers the adapter's tensors whole (:meth:`Dist.full_tensors`, all ranks), then rank 0 writes.
+  An in-stage checkpoint gathers the optimizer's state too (:meth:`Dist.full_tree`); on resume each
+  rank cuts its rows from the whole tensors (:meth:`Dist.shard_like`).
 
 FSDP1 (``fsdp_version: 1``) is refused: it wraps the model in another module, where FSDP2 keeps the
 PEFT model the runner holds, and on CPU processes it fails at wrap time ("Inconsistent compute
@@ -204,6 +208,30 @@ class Dist:
         from torch.distributed.tensor import DTensor
 
         return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for n, t in tensors.items()}
+
+    def full_tree(self, tree):
+        """``tree`` (dicts, lists, tuples: an optimizer's state dict) with every DTensor all-gathered whole,
+        on the CPU, the rest as it is. Every rank must call, with trees of the same shape (the same
+        gathers in the same order)."""
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tree, DTensor):
+            return tree.full_tensor().detach().cpu()
+        if isinstance(tree, dict):
+            return {k: self.full_tree(v) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(self.full_tree(v) for v in tree)
+        return tree
+
+    def shard_like(self, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``full``, a whole tensor every rank holds, cut as ``like`` is: this rank's shard when ``like`` is a
+        DTensor (no communication), else ``full`` itself, on ``like``'s device."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        full = full.to(like.device)
+        if not isinstance(like, DTensor):
+            return full
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)

@@ -1,8 +1,10 @@
 """Our strategies inside the Hugging Face ``Trainer``: a thin integration, as trl's trainers are.
 
 Callbacks never see the loss, so penalties go through a ``compute_loss`` override
-(:class:`ContinualTrainer`). The stage hooks run around ``trainer.train()`` in the one order
-:func:`continual_ft.stage.run_stage` keeps for every loop; :func:`train_stage_hf` does that::
+(:class:`ContinualTrainer`), and ``after_backward`` through a ``training_step`` override: the
+callbacks' ``on_pre_optimizer_step`` comes after gradient clipping. The stage hooks run around
+``trainer.train()`` in the one order :func:`continual_ft.stage.run_stage` keeps for every loop;
+:func:`train_stage_hf` does that::
 
     stage = stage_info(0, examples, encoder)
     train_stage_hf(model, tokenizer, examples, strategies, stage, TrainingArguments(...))
@@ -26,8 +28,9 @@ from transformers import Trainer, TrainingArguments
 
 from continual_ft.batching import Encoded, Encoder, collate
 from continual_ft.data import Example
+from continual_ft.errors import ContinualFTError
 from continual_ft.losses import token_loss
-from continual_ft.stage import Batches, run_stage, total_penalty
+from continual_ft.stage import Batches, after_backward, run_stage, total_penalty
 from continual_ft.stage import stage_info as _stage_info
 from continual_ft.strategies import StageInfo, Strategy
 
@@ -62,15 +65,31 @@ class ContinualTrainer(Trainer):
 
     ``L_task`` is the mean cross-entropy over the batch's answer tokens, computed from logits of the
     last ``logits_to_keep`` positions only. Penalties are added in training only, so ``eval_loss``
-    stays the plain task loss.
+    stays the plain task loss. After each step's last micro-batch, before clipping, every strategy's
+    ``after_backward(model, stage, step)`` sees the step's gradients (``stage``: the one given here).
     """
 
     # compute_loss returns a per-micro-batch mean; let the Trainer divide by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, strategies: Sequence[Strategy] = (), **kwargs):
+    def __init__(self, *args, strategies: Sequence[Strategy] = (), stage: StageInfo | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.strategies = list(strategies)
+        self.stage = stage  # what after_backward gets (A-GEM draws its reference batches with it)
+        hooked = [s.name for s in self.strategies if type(s).after_backward is not Strategy.after_backward]
+        if hooked and self.args.world_size > 1:
+            # hf.stage_info's sum_across is the identity: each process would get its own reference gradient.
+            raise ContinualFTError(
+                f"strategy={hooked[0]} with the HF Trainer over {self.args.world_size} processes: its gradient "
+                "hook needs a sum across processes that hf.stage_info lacks; use cli.py run (DDP) instead"
+            )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:  # the step's last micro-batch: its gradients are complete
+            step = self.state.global_step + 1  # global_step counts the optimizer steps taken
+            after_backward(self.strategies, self.accelerator.unwrap_model(model), self.stage, step)
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Our labels are already shifted and cut to logits_to_keep, so the model must not see them
@@ -121,6 +140,7 @@ def train_stage_hf(
             train_dataset=ExampleDataset(examples, encoder),
             data_collator=Collator(tokenizer.pad_token_id),
             strategies=strategies,
+            stage=stage,
             **trainer_kwargs,
         )
         trainer.train()

@@ -131,6 +131,20 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
+def _keep_4bit_layout(model) -> None:
+    """Keep bitsandbytes' 4-bit weights in the layout they were loaded in, on the CPU too.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight in place at its first forward in
+    eval mode without grad (``Linear4bit.forward``, ``_convert_weight_packed_for_cpu``): our "before
+    training" evaluation. Its kernel for that layout has no backward, so from then on no gradient passes
+    a 4-bit layer: a LoRA on q_proj got none, behind o_proj. Under FSDP it would also rewrite, in a new
+    layout, the gathered weights FSDP owns. The unpacked path trains as on a GPU, evaluation a little slower.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_model(
     name: str,
     dtype: torch.dtype = torch.float32,
@@ -158,5 +172,7 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except (OSError, ValueError) as e:
             raise ContinualFTError(f"cannot load model={name!r}: {str(e).splitlines()[0]}") from None
+        if quantization_config is not None:
+            _keep_4bit_layout(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

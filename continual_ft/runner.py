@@ -95,7 +95,10 @@ def _unique_dir(parent: Path, name: str) -> Path:
     return path
 
 
-def _quantization(config: RunConfig):
+def _quantization(config: RunConfig, fsdp: bool = False):
+    """QLoRA's 4-bit base weights. Under FSDP their packed bytes are stored as the compute dtype (PEFT's
+    FSDP + QLoRA guide): FSDP2 shards floating-point tensors only, and accelerate leaves uint8-stored
+    4-bit weights out of the shards, whole on every process. The bytes, and so the weights, are the same."""
     if config.quantize == "none":
         return None
     try:
@@ -103,7 +106,10 @@ def _quantization(config: RunConfig):
         from transformers import BitsAndBytesConfig
     except ImportError:
         raise ContinualFTError("quantize=nf4 needs bitsandbytes: pip install 'continual-ft[qlora]'") from None
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    storage = {"bnb_4bit_quant_storage": torch.bfloat16} if fsdp else {}
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, **storage
+    )
 
 
 @dataclass
@@ -160,7 +166,7 @@ def _setup(config: RunConfig, progress: bool) -> _Run:
         dtype=dtype if config.quantize == "none" else torch.float32,
         trust_remote_code=config.trust_remote_code,
         seed=config.seed,
-        quantization_config=_quantization(config),
+        quantization_config=_quantization(config, fsdp=dist.is_fsdp),
     )
     if config.quantize == "none":
         # FSDP: the whole model stays on the CPU; _shard moves each process's share to its device.
@@ -216,6 +222,10 @@ def _open_tracking(run: _Run) -> Trackers:
     return trackers
 
 
+def _as_is(x):
+    return x
+
+
 def _train_stage(run: _Run, i: int) -> None:
     """Stage ``i``: its adapter, the strategy hooks around training, then save, evaluate and record it."""
     config, stage_def = run.config, run.scenario.stages[i]
@@ -223,11 +233,13 @@ def _train_stage(run: _Run, i: int) -> None:
     own = [ex for t in stage_def.tasks for ex in tasks[t].train]
     validation = [ex for t in stage_def.tasks for ex in tasks[t].validation]
     # The global batch size, each process taking its share of the batches: as one process would batch them.
+    # Under FSDP every process runs every batch instead, with nothing to sum: each forward all-gathers, and
+    # a backward averages the processes' gradients, which is the batch's own when they all ran it (EWC's Fisher).
     batch_size = config.train.batch_size * run.dist.world
-    batches = Batches(run.encoder, batch_size, run.device, run.autocast, shard=run.dist.shard)
-    stage = stage_info(
-        i, stage_def.tasks, own, batches, final=i == len(run.scenario.stages) - 1, sum_across=run.dist.sum
-    )
+    every = run.dist.is_fsdp
+    batches = Batches(run.encoder, batch_size, run.device, run.autocast, shard=_as_is if every else run.dist.shard)
+    last = i == len(run.scenario.stages) - 1
+    stage = stage_info(i, stage_def.tasks, own, batches, final=last, sum_across=_as_is if every else run.dist.sum)
     setup = time.perf_counter()
     run.model = adapters.start_stage(run.model, config.adapter, i, config.lora)
     setup = time.perf_counter() - setup

@@ -8,6 +8,7 @@ Every loop that trains a stage calls these, whatever does the training (our trai
     done = run_stage(model, stage, strategies, train)   # train(examples) does the optimizer steps
     ...
     loss = task_loss + total_penalty(strategies, model, batch, outputs)   # inside train, every micro-batch
+    after_backward(strategies, model, stage, step)   # inside train, every step, before clipping and stepping
 
 :func:`run_stage` is the protocol (Avalanche's ``BaseTemplate.train`` keeps it in one place too)::
 
@@ -34,7 +35,7 @@ from continual_ft.data import Example
 from continual_ft.losses import mean_token_loss
 from continual_ft.strategies.base import StageInfo, Strategy
 
-__all__ = ["Batches", "StageRun", "stage_info", "run_stage", "total_penalty"]
+__all__ = ["Batches", "StageRun", "stage_info", "run_stage", "total_penalty", "after_backward"]
 
 T = TypeVar("T")
 
@@ -102,6 +103,12 @@ def total_penalty(strategies: Sequence[Strategy], model, batch: dict, outputs) -
         if extra is not None:
             total = extra if total is None else total + extra
     return total
+
+
+def after_backward(strategies: Sequence[Strategy], model, stage: StageInfo | None, step: int) -> None:
+    """Each strategy's ``after_backward`` in order, once the step's gradients are complete (``step`` 1-based)."""
+    for s in strategies:
+        s.after_backward(model, stage, step)
 
 
 @dataclass

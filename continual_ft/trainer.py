@@ -3,7 +3,8 @@
 The loss is the summed cross-entropy over answer tokens divided by the answer-token count
 of the whole optimizer step (torchtune's normalisation), so gradient accumulation changes
 nothing but memory. Each strategy's penalty is added per micro-batch, weighted by that
-micro-batch's share of the step's answer tokens.
+micro-batch's share of the step's answer tokens. Each strategy's ``after_backward`` then sees the
+step's complete gradient (all micro-batches, all processes), before clipping and the optimizer step.
 
 Several processes (:mod:`continual_ft.distributed`): every process draws the same global batches
 (``batch_size × processes`` examples, the same stream one process would draw) and trains on its
@@ -43,7 +44,7 @@ from continual_ft.config import TrainConfig
 from continual_ft.data import Example
 from continual_ft.errors import ContinualFTError
 from continual_ft.losses import token_loss
-from continual_ft.stage import total_penalty
+from continual_ft.stage import after_backward, total_penalty
 
 __all__ = [
     "StageStats",
@@ -54,7 +55,9 @@ __all__ = [
     "autocast_for",
     "validation_loss",
     "micro_token_budget",
+    "pad_multiple",
     "training_attention",
+    "activation_checkpointing",
 ]
 
 
@@ -109,6 +112,19 @@ def autocast_for(precision: str, device: torch.device) -> Callable:
 CPU_MICRO_TOKENS = 768
 
 
+#: ``train.pad_to_multiple_of=0``: on CPU, every new batch shape makes oneDNN build (JIT) and cache new
+#: matmul kernels: 60 steps of random widths grew RSS by 1 GB; widths in steps of 64 stayed flat (bench/README.md).
+#: On GPUs 8, tensor cores' granularity (as HF's ``pad_to_multiple_of=8``).
+CPU_PAD_MULTIPLE, GPU_PAD_MULTIPLE = 64, 8
+
+
+def pad_multiple(cfg: TrainConfig, device: torch.device) -> int:
+    """The multiple each micro-batch's padded width is rounded up to."""
+    if cfg.pad_to_multiple_of:
+        return cfg.pad_to_multiple_of
+    return CPU_PAD_MULTIPLE if device.type == "cpu" else GPU_PAD_MULTIPLE
+
+
 def micro_token_budget(cfg: TrainConfig, device: torch.device, dist=None) -> int:
     """Padded tokens per forward pass (0 = no split). Several processes never split: their forwards (DDP's
     buffer broadcasts, FSDP's all-gathers) must pair up across ranks, which unequal splits would break."""
@@ -137,6 +153,29 @@ def training_attention(model, attention: str, device: torch.device):
         base.set_attn_implementation(before)
 
 
+@contextmanager
+def activation_checkpointing(model, enabled: bool):
+    """Recompute activations in the backward pass while inside (``train.gradient_checkpointing``).
+
+    Non-reentrant checkpointing (torch's recommended form): the frozen embeddings need no
+    ``requires_grad`` trick, and it composes with DDP's ``no_sync`` and with autocast.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not enabled:
+        yield
+        return
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x renamed gradient_ -> activation_
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        disable = base.activation_checkpointing_disable
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable = base.gradient_checkpointing_disable
+    try:
+        yield
+    finally:
+        disable()
+
+
 def _shard(items: list[Encoded], dist) -> tuple[list[Encoded], bool]:
     """This process's share of a global batch; a process left without rows trains on a zero-weight copy
     of the first (DDP needs every process in every step). Returns (items, is_dummy)."""
@@ -146,8 +185,10 @@ def _shard(items: list[Encoded], dist) -> tuple[list[Encoded], bool]:
     return (mine, False) if mine else (items[:1], True)
 
 
-def _batch(items: list[Encoded], pad: int, device, dummy: bool = False, packed: bool = False) -> dict:
-    batch = collate_packed(items) if packed else collate(items, pad)
+def _batch(
+    items: list[Encoded], pad: int, device, dummy: bool = False, packed: bool = False, multiple: int = 1
+) -> dict:
+    batch = collate_packed(items, pad, multiple) if packed else collate(items, pad, multiple)
     if dummy:
         batch["labels"].fill_(-100)
         batch["n_tokens"] = 0
@@ -214,6 +255,25 @@ def backward_step(
     return total, step_tokens, penalty
 
 
+def _shard_saved(saved: dict, named: list, optimizer, dist) -> dict:
+    """An in-stage checkpoint's whole tensors cut as this rank holds its parameters (FSDP shards; with DDP,
+    whole): the weights and best weights as their parameter, each optimizer state as its parameter."""
+    by_id = dict(enumerate(p for group in optimizer.param_groups for p in group["params"]))  # state_dict's ids
+
+    def like(p, t):
+        return dist.shard_like(t, p) if torch.is_tensor(t) and t.shape == p.shape else t  # not Adam's `step`
+
+    optim = saved["optimizer"]
+    state = {i: {k: like(by_id[i], t) for k, t in s.items()} for i, s in optim["state"].items()}
+    best = saved.get("best_state")
+    return {
+        **saved,
+        "params": {n: like(p, saved["params"][n]) for n, p in named},
+        "optimizer": {**optim, "state": state},
+        "best_state": None if best is None else [like(p, t) for (_, p), t in zip(named, best)],
+    }
+
+
 def train_stage(
     model,
     encoder: Encoder,
@@ -272,12 +332,14 @@ def train_stage(
         while True:  # epochs, reshuffled each time; the step budget decides when to stop
             yield from length_grouped_batches(encoded, global_batch, rng, **grouping)
 
-    budget = micro_token_budget(cfg, device, dist)
+    budget, multiple = micro_token_budget(cfg, device, dist), pad_multiple(cfg, device)
     stats, stream = StageStats(), micro_batches()
     best_state, bad_evals, loss_sum, loss_tokens, drawn, last_loss, done = None, 0, 0.0, 0, 0, None, 0.0
     penalty_sum = None
     saved = checkpoints.load() if checkpoints is not None else None
     if saved is not None:
+        if world > 1:  # FSDP: the checkpoint holds whole tensors, each rank keeps its shard of them
+            saved = _shard_saved(saved, named, optimizer, dist)
         with torch.no_grad():
             for n, p in named:
                 p.copy_(saved["params"][n].to(p.device))
@@ -303,10 +365,12 @@ def train_stage(
         for _ in range(cfg.grad_accum):
             items, dummy = _shard(next(stream), dist)
             for part in split_batch(items, budget, cfg.packing):  # same step, less memory per forward
-                micro.append(_batch(part, pad, device, dummy, cfg.packing))
+                micro.append(_batch(part, pad, device, dummy, cfg.packing, multiple))
         drawn += cfg.grad_accum
-        with training_attention(model, cfg.attention, device):
+        checkpointing = activation_checkpointing(model, cfg.gradient_checkpointing)
+        with training_attention(model, cfg.attention, device), checkpointing:
             summed, n, penalty = backward_step(train_model, micro, strategies, autocast, dist)
+            after_backward(strategies, model, stage, step)  # the step's gradients are complete (A-GEM projects)
         if not math.isfinite(summed):
             before = "no finite loss before it" if last_loss is None else f"the last finite loss was {last_loss:.4f}"
             raise NonFiniteLoss(f"{desc}, step {step}: the loss is {summed / max(n, 1)} ({before})")
@@ -344,7 +408,10 @@ def train_stage(
             if cfg.patience and bad_evals >= cfg.patience:
                 stats.stopped_early = True
                 break
-        if checkpoints is not None and step < total_steps and checkpoints.due(step):
+        due = checkpoints is not None and step < total_steps and checkpoints.due(step)
+        if world > 1 and checkpoints is not None and checkpoints.minutes:
+            due = bool(dist.sum(int(due)))  # each rank's clock says otherwise; an FSDP save gathers on every rank
+        if due:
             paused = time.perf_counter()
             run = {
                 "steps": step,
@@ -358,17 +425,17 @@ def train_stage(
                 "penalty_sum": penalty_sum,
                 "seconds": paused - start,
             }
-            checkpoints.save(
-                {
-                    "params": {n: p.detach() for n, p in named},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "drawn": drawn,
-                    "rng": rng_state(),
-                    "run": run,
-                    "best_state": best_state,
-                }
-            )
+            state = {
+                "params": {n: p.detach() for n, p in named},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "drawn": drawn,
+                "rng": rng_state(),
+                "run": run,
+                "best_state": best_state,
+            }
+            # FSDP: every rank gathers the shards whole (rank 0 writes them), the files those of one process
+            checkpoints.save(dist.full_tree(state) if world > 1 else state)
             start += time.perf_counter() - paused  # checkpoint time is reported apart (StageStats.checkpoint_seconds)
             stats.checkpoint_seconds += time.perf_counter() - paused
     stats.seconds = time.perf_counter() - start

@@ -1,9 +1,11 @@
 """Replay + EWC in a hand-written PyTorch loop: no runner, no Trainer, just the strategy hooks.
 
     python examples/plain_loop.py --model tiny --scenario legal_then_medical --quick
+    python examples/plain_loop.py --model tiny --scenario legal_then_medical --quick --strategy agem
 
 Each stage: the strategies pick the training data (replay mixes in its buffer), the loop trains
-the LoRA adapter with the task loss plus every strategy's penalty (EWC's), the strategies update
+the LoRA adapter with the task loss plus every strategy's penalty (EWC's), lets the strategies see
+each step's gradient before it is clipped and applied (A-GEM projects it), the strategies update
 after the stage (replay fills its buffer, EWC estimates its Fisher), and every task is scored.
 ``run_stage`` calls the hooks in that order around ``train``, the loop below: the same protocol
 our trainer and the HF Trainer integration use.
@@ -26,8 +28,8 @@ from continual_ft.metrics import summary
 from continual_ft.models import load_model
 from continual_ft.results import format_matrix, format_metrics
 from continual_ft.scenario import load_scenario
-from continual_ft.stage import Batches, run_stage, stage_info, total_penalty
-from continual_ft.strategies import EWC, EWCConfig, Replay, ReplayConfig
+from continual_ft.stage import Batches, after_backward, run_stage, stage_info, total_penalty
+from continual_ft.strategies import build
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1, help="passes over each stage's training data")
     p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--buffer-size", type=int, default=32, help="replay buffer size")
+    p.add_argument("--strategy", default="replay+ewc", help="strategies, '+'-joined (replay, ewc, agem, ...)")
+    p.add_argument("--buffer-size", type=int, default=32, help="replay buffer size (and agem's memory size)")
     p.add_argument("--ewc-lam", type=float, default=100.0, help="EWC penalty strength")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -53,10 +56,13 @@ def main(argv=None) -> list[list[float]]:
     model = model.to(device)
     encoder = Encoder(tokenizer, max_length=256)
     pad = tokenizer.pad_token_id
-    strategies = [
-        Replay(ReplayConfig(buffer_size=args.buffer_size, ratio=0.25, seed=args.seed)),
-        EWC(EWCConfig(lam=args.ewc_lam, fisher_batches=4, seed=args.seed)),
-    ]
+    settings = {
+        "replay": {"buffer_size": args.buffer_size, "ratio": 0.25, "seed": args.seed},
+        "ewc": {"lam": args.ewc_lam, "fisher_batches": 4, "seed": args.seed},
+        "agem": {"memory_size": args.buffer_size, "reference_batch": args.batch_size, "seed": args.seed},
+    }
+    names = [n.strip() for n in args.strategy.split("+")]
+    strategies = build(args.strategy, {n: settings[n] for n in names if n in settings})
 
     batches = Batches(encoder, args.batch_size, device)  # how a strategy runs the model over data (EWC's Fisher)
 
@@ -74,14 +80,16 @@ def main(argv=None) -> list[list[float]]:
         stage = stage_info(i, stage_def.tasks, own, batches, final=final)
         model = start_stage(model, "continue", i, LoraConfig(r=8, alpha=16))
 
-        def train(examples, i=i, model=model):
+        def train(examples, i=i, model=model, stage=stage):
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=args.lr)
             encoded = [encoder.encode(e) for e in examples]
             rng = random.Random(args.seed + i)
             model.train()
+            step = 0
             for _ in range(args.epochs):
                 for items in length_grouped_batches(encoded, args.batch_size, rng):
+                    step += 1
                     batch = to_device(collate(items, pad), device)
                     summed, n, outputs = token_loss(model, batch)
                     loss = summed / n
@@ -89,6 +97,7 @@ def main(argv=None) -> list[list[float]]:
                     if extra is not None:
                         loss = loss + extra
                     loss.backward()
+                    after_backward(strategies, model, stage, step)  # the step's gradient is complete
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

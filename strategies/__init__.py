@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from continual_ft.errors import ContinualFTError
+from continual_ft.strategies.agem import AGEM, AGEMConfig
 from continual_ft.strategies.avalanche import AVALANCHE_STRATEGIES
 from continual_ft.strategies.base import StageInfo, Strategy
 from continual_ft.strategies.ewc import EWC, EWCConfig
@@ -36,6 +37,7 @@ __all__ = [
     "Joint",
     "LwF",
     "OLoRA",
+    "AGEM",
     "build",
     "settings",
 ]
@@ -48,6 +50,7 @@ STRATEGIES: dict[str, tuple[type[Strategy], type]] = {
     "ewc": (EWC, EWCConfig),
     "task_balanced": (TaskBalanced, TaskBalancedConfig),
     "joint": (Joint, JointConfig),
+    "agem": (AGEM, AGEMConfig),
 }
 
 

@@ -8,8 +8,12 @@ Hook order for one stage::
 
     examples = strategy.train_data(stage, examples)   # e.g. mix in a replay buffer
     strategy.before_stage(model, stage)                # e.g. snapshot a teacher
-    for batch in batches:                              # every optimizer micro-step
-        loss = task_loss + strategy.penalty(model, batch, outputs)   # e.g. EWC, LwF
+    for step, micro_batches in enumerate(steps, 1):    # every optimizer step
+        for batch in micro_batches:
+            loss = task_loss + strategy.penalty(model, batch, outputs)   # e.g. EWC, LwF
+            loss.backward()
+        strategy.after_backward(model, stage, step)    # e.g. A-GEM projects the gradient
+        clip the gradients; optimizer.step()
     strategy.after_stage(model, stage)                 # e.g. Fisher, fill the buffer
 
 ``state_dict`` / ``load_state_dict`` carry what must survive a restart (buffer contents,
@@ -42,6 +46,8 @@ class StageInfo:
     final: bool = False  # no stage follows in this run: work only later stages use (EWC's Fisher) can be skipped
     # Sums a tensor over the processes of a multi-process run (identity in one process): a strategy
     # that accumulates over ``batches`` (each process gets its share of them) totals it with this.
+    # Under FSDP each process gets every batch (a backward there averages the processes' gradients) and
+    # this is the identity too.
     sum_across: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t, repr=False)
 
 
@@ -50,8 +56,11 @@ class Strategy:
 
     name = "base"
     #: Whether a hook reads the model's parameters or runs the model (EWC's Fisher, LwF's teacher). Under
-    #: FSDP parameters are per-rank shards, so only strategies that set this False (they pick data) run there.
+    #: FSDP parameters are per-rank shards: strategies that set this False (they pick data) run there as
+    #: they are, the others only if they set ``handles_shards`` (EWC, LwF).
     uses_model = True
+    #: Whether its hooks work on FSDP2's DTensor shards and keep a run equal to one process (docs/distributed.md).
+    handles_shards = False
 
     def train_data(self, stage: StageInfo, examples: list[Example]) -> list[Example]:
         """The examples to train on in this stage (default: the stage's own)."""
@@ -63,6 +72,11 @@ class Strategy:
     def penalty(self, model: nn.Module, batch: dict, outputs: Any) -> torch.Tensor | None:
         """An extra loss term added to the task loss at every micro-step, or None."""
         return None
+
+    def after_backward(self, model: nn.Module, stage: StageInfo, step: int) -> None:
+        """Called once per optimizer step (``step``, 1-based within the stage) when its gradients are complete:
+        after the last micro-batch's backward (and, with several processes, their all-reduce), before
+        clipping and the optimizer step. A strategy may change the parameters' ``.grad`` here."""
 
     def after_stage(self, model: nn.Module, stage: StageInfo) -> None:
         """Called once after a stage's last step (with the best weights restored)."""

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from continual_ft.errors import ContinualFTError
+from continual_ft.strategies._sharded import Layout, local, max_over_ranks, sum_over_ranks
 from continual_ft.strategies.base import StageInfo, Strategy
 
 __all__ = ["EWC", "EWCConfig"]
@@ -62,14 +64,39 @@ class EWC(Strategy):
 
     A parameter frozen at penalty time (earlier adapters under ``adapter=new``) gets no penalty,
     and neither does one that was not trainable at an anchor (a new stage's adapter).
+
+    Under FSDP2 (parameters are DTensor shards; docs/distributed.md, "FSDP") every process runs every
+    Fisher batch (``stage.batches`` gives them all there), so FSDP's average of the processes' equal
+    gradients is the batch's gradient, and squares it on its own rows; the largest entry is taken
+    over all processes. F and θ* are this process's rows, the penalty is summed over the processes
+    with a gradient weighed as FSDP weighs the loss's (:func:`sum_over_ranks`), and
+    :meth:`state_dict` gathers them whole: the files are those of one process, and a resumed run
+    cuts its rows from them again.
     """
 
     name = "ewc"
+    handles_shards = True  # FSDP: see the class docstring
 
     def __init__(self, config: EWCConfig | None = None):
         self.config = config or EWCConfig()
         self.anchors: list[dict[str, Tensors]] = []  # [{"fisher": {name: F}, "anchor": {name: θ*}}, ...]
         self._device_cache: tuple | None = None
+        # FSDP: how each parameter is split, F and θ* holding this rank's rows ({} without FSDP; None: not looked yet)
+        self._layouts: dict[str, Layout] | None = None
+
+    def _take_rows(self, model: nn.Module) -> None:
+        """Under FSDP, once: note how the trainable parameters are split and keep this rank's rows of
+        state loaded whole (a resumed run's files)."""
+        if self._layouts is not None:
+            return
+        self._layouts = {n: Layout.of(p) for n, p in model.named_parameters() if isinstance(p, DTensor)}
+        if self._layouts and self.anchors:
+            cut = self._layouts
+            self.anchors = [
+                {k: {n: cut[n].rows(t) if n in cut else t for n, t in d.items()} for k, d in a.items()}
+                for a in self.anchors
+            ]
+            self._device_cache = None
 
     def fisher(self, model: nn.Module, stage: StageInfo) -> Tensors:
         """Diagonal empirical Fisher of the trainable parameters on this stage's examples."""
@@ -81,7 +108,7 @@ class EWC(Strategy):
         subset = random.Random(f"{self.config.seed}:{stage.index}").sample(
             examples, min(len(examples), self.config.fisher_batches * len(first["tasks"]))
         )
-        fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        fisher = {n: torch.zeros_like(local(p), dtype=torch.float32) for n, p in params.items()}
         was_training = model.training
         model.eval()  # no dropout: the Fisher of the model as it will be evaluated
         count = 0
@@ -92,15 +119,18 @@ class EWC(Strategy):
                 stage.loss_fn(model, batch).backward()
                 for n, p in params.items():
                     if p.grad is not None:
-                        fisher[n] += p.grad.detach().float() ** 2
+                        fisher[n] += local(p.grad).detach().float() ** 2  # FSDP: this rank's rows
                 count += 1
         for p in params.values():
             p.grad = None
         model.train(was_training)
-        # Several processes: each ran its share of the batches; the Fisher is the mean over all of them.
+        # Several processes: each ran its share of the batches; the Fisher is the mean over all of them
+        # (under FSDP each ran them all, and sum_across is the identity).
         count = int(stage.sum_across(torch.tensor(float(count), device=next(iter(fisher.values())).device)))
         fisher = {n: (stage.sum_across(f) / max(count, 1)).cpu() for n, f in fisher.items()}
-        top = max((float(f.max()) for f in fisher.values()), default=0.0)
+        top = max((float(f.max()) for f in fisher.values() if f.numel()), default=0.0)
+        if self._layouts:  # each rank holds some rows: the largest entry of them all
+            top = max_over_ranks(top, next(iter(self._layouts.values())))
         if self.config.normalize and top > 0:
             fisher = {n: f / top for n, f in fisher.items()}
         return fisher
@@ -108,8 +138,9 @@ class EWC(Strategy):
     def after_stage(self, model: nn.Module, stage: StageInfo) -> None:
         if stage.final:
             return
+        self._take_rows(model)
         fisher = self.fisher(model, stage)
-        anchor = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if n in fisher}
+        anchor = {n: local(p).detach().float().cpu().clone() for n, p in model.named_parameters() if n in fisher}
         if self.config.online and self.anchors:
             old, gamma = self.anchors[0], self.config.gamma
             # A parameter not trainable now (an earlier adapter under adapter=new) keeps its decayed entry.
@@ -133,17 +164,31 @@ class EWC(Strategy):
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not params:
             return None
+        self._take_rows(model)
         total = None
-        for a in self._on(params[0][1].device):
+        for a in self._on(local(params[0][1]).device):
             for n, p in params:
                 if n in a["fisher"]:
-                    term = (a["fisher"][n] * (p.float() - a["anchor"][n]) ** 2).sum()
+                    term = (a["fisher"][n] * (local(p).float() - a["anchor"][n]) ** 2).sum()
                     total = term if total is None else total + term
-        return None if total is None else self.config.lam / 2 * total
+        if total is None:
+            return None
+        if self._layouts:  # this rank's rows: the whole penalty, each rank's rows getting the gradient once
+            total = sum_over_ranks(total, next(iter(self._layouts.values())).group)
+        return self.config.lam / 2 * total
 
     def state_dict(self) -> dict:
-        return {"anchors": [{k: dict(d) for k, d in a.items()} for a in self.anchors]}
+        """F and θ* of every anchor, whole (under FSDP gathered from every rank: every rank must call)."""
+        whole = self._layouts or {}
+        return {
+            "anchors": [
+                {k: {n: whole[n].whole(t) if n in whole else t for n, t in d.items()} for k, d in a.items()}
+                for a in self.anchors
+            ]
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """Whole tensors, as :meth:`state_dict` gives them; under FSDP each rank keeps its rows at first use."""
         self.anchors = [{k: {n: t.cpu() for n, t in d.items()} for k, d in a.items()} for a in state["anchors"]]
+        self._layouts = None
         self._device_cache = None

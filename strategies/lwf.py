@@ -4,6 +4,13 @@ The teacher is the model as it stood at the end of the previous stage. It is not
 ``before_stage`` snapshots the parameters that are about to train (the adapter, a few MB), and each
 step runs one extra no-grad forward with the snapshot swapped in (``torch.func.functional_call``,
 which swaps parameters in for the call and back after, touching no tensor in place).
+
+Under FSDP2 the parameters are DTensor shards and each FSDP unit all-gathers its weights from its
+own shards at its forward, so a swapped-in parameter would not be the one used: the teacher's rows
+are copied into the shards for the teacher's forward and the student's copied back after (before
+the step's backward gathers them again). Its gradient goes through the model, averaged by FSDP as
+the loss's is. Every rank runs a teacher forward at every penalty, with or without answer rows:
+each forward all-gathers, and the ranks must join the same ones.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.func import functional_call
 
 from continual_ft.errors import ContinualFTError
@@ -88,16 +96,19 @@ class LwF(Strategy):
     """
 
     name = "lwf"
+    handles_shards = True  # FSDP: see the class docstring
 
     def __init__(self, config: LwFConfig | None = None):
         self.config = config or LwFConfig()
         self.teacher: dict[str, torch.Tensor] | None = None  # parameter name -> snapshot
+        self._sharded = False  # FSDP: the snapshot is this rank's rows (DTensor shards)
 
     def before_stage(self, model: nn.Module, stage: StageInfo) -> None:
         if stage.index == 0:
             self.teacher = None
             return
         self.teacher = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self._sharded = any(isinstance(t, DTensor) for t in self.teacher.values())
 
     def after_stage(self, model: nn.Module, stage: StageInfo) -> None:
         self.teacher = None  # the next stage snapshots afresh; no need to hold memory in between
@@ -108,10 +119,30 @@ class LwF(Strategy):
         was_training = model.training
         model.eval()  # a deterministic teacher: no LoRA dropout
         try:
-            out = functional_call(model, self.teacher, args=(), kwargs=model_inputs(batch), strict=False)
+            if self._sharded:
+                out = self._forward_in_place(model, batch)
+            else:
+                out = functional_call(model, self.teacher, args=(), kwargs=model_inputs(batch), strict=False)
         finally:
             model.train(was_training)
         return out.logits
+
+    def _forward_in_place(self, model: nn.Module, batch: dict):
+        """FSDP: the forward with the teacher's rows copied into the parameters' shards, the student's copied back."""
+        params = dict(model.named_parameters())
+        if not all(isinstance(params[n], DTensor) for n in self.teacher):  # a layer still gathered: FSDP won't re-read
+            raise ContinualFTError(
+                "lwf under FSDP needs fsdp_reshard_after_forward: true (examples/accelerate/fsdp.yaml): a layer "
+                "kept gathered after its forward would compute the teacher with the student's weights"
+            )
+        student = {n: params[n].detach().clone() for n in self.teacher}
+        try:
+            for n, t in self.teacher.items():
+                params[n].copy_(t)
+            return model(**model_inputs(batch))
+        finally:
+            for n, t in student.items():
+                params[n].copy_(t)
 
     def penalty(self, model: nn.Module, batch: dict, outputs) -> torch.Tensor | None:
         if self.teacher is None or self.config.alpha == 0:
@@ -121,6 +152,8 @@ class LwF(Strategy):
         sub = select_rows(batch, rows)
         mask = sub["labels"] != -100
         if not mask.any():
+            if self._sharded:  # FSDP: the other ranks' teacher forwards all-gather, this rank must join them
+                self.teacher_logits(model, sub)
             return None
         T = self.config.temperature
         # answer_logits also accepts outputs computed over the whole sequence.

@@ -2,7 +2,8 @@
 under torchrun).
 
 Each rank saves what the tests compare, beside the run directory: its R, its trainable weights
-(whole: FSDP shards all-gathered) and how many of their entries the rank itself holds.
+(whole: FSDP shards all-gathered) and how many of their entries the rank itself holds, and the same
+count for the 4-bit base weights of a QLoRA run.
 """
 
 import json
@@ -26,5 +27,11 @@ if __name__ == "__main__":
     weights = {n: t.contiguous() for n, t in dist.full_tensors(lora).items()}
     save_file(weights, str(out / f"rank{dist.rank}.safetensors"))
     info = {"R": results.data["R"], "world": dist.world, "fsdp": dist.is_fsdp, "held": held}
+    four_bit = [m.weight for m in results.model.modules() if type(m).__name__ == "Linear4bit"]  # quantize=nf4
+    info["4bit"] = {
+        "held": sum((w.to_local() if isinstance(w, DTensor) else w).numel() for w in four_bit),
+        "total": sum(w.numel() for w in four_bit),
+        "dtypes": sorted({str(w.dtype) for w in four_bit}),
+    }
     (out / f"rank{dist.rank}.json").write_text(json.dumps(info))
     dist.close()

@@ -121,6 +121,51 @@ def test_every_merge_method_saves_an_adapter_plain_peft_loads(method, tmp_path):
     torch.testing.assert_close(_logits(reloaded), _logits(model), atol=1e-5, rtol=1e-5)
 
 
+def test_magmax_keeps_the_larger_delta_entry_with_its_sign(tmp_path):
+    # s = α/r = 1, A_j = [I_4 | 0]: ΔW_j's first row starts with B_j's first row; weights (1, 0.5).
+    model, _ = load_model("tiny", seed=0)
+    rows = {0: [2.0, 1.0, -1.0, 0.0], 1: [-3.0, -4.0, 0.5, 0.0]}
+    for k in range(2):
+        model = start_stage(model, "merge_final", k, LoraConfig(r=4, alpha=4))
+        _perturb(model, seed=k)
+        q = model.base_model.model.model.layers[0].self_attn.q_proj
+        with torch.no_grad():
+            q.lora_A[f"stage{k + 1}"].weight.copy_(torch.eye(4, 64))
+            q.lora_B[f"stage{k + 1}"].weight[0] = torch.tensor(rows[k])
+        deltas = {n: q.get_delta_weight(n) for n in q.lora_A if n != "merged"}
+        out = finish_stage(model, "merge_final", k, tmp_path, MergeConfig(method="magmax", weights=[1.0, 0.5]))
+        model = out.model
+    merged = q.get_delta_weight("merged")
+    assert merged[0, :4].tolist() == [2.0, -2.0, -1.0, 0.0]  # 2 vs −1.5, 1 vs −2, −1 vs 0.25, 0 vs 0
+    assert torch.equal(merged[:, 4:], torch.zeros(64, 60))
+    first, second = deltas["stage1"], 0.5 * deltas["stage2"]
+    assert torch.equal(merged, torch.where(first.abs() >= second.abs(), first, second))  # and so in every layer:
+    for layer in model.base_model.model.model.layers:
+        for module in (layer.self_attn.k_proj, layer.mlp.down_proj):  # a wide and a tall weight
+            first, second = module.get_delta_weight("stage1"), 0.5 * module.get_delta_weight("stage2")
+            expected = torch.where(first.abs() >= second.abs(), first, second)
+            torch.testing.assert_close(module.get_delta_weight("merged"), expected, rtol=1e-6, atol=1e-7)
+            assert module.lora_A["merged"].weight.shape[0] == min(expected.shape)  # rank min(out, in)
+
+
+def test_magmax_with_one_adapter_reproduces_it(tmp_path):
+    model, _ = load_model("tiny", seed=0)
+    model = start_stage(model, "merge_final", 0, LoraConfig(r=4, alpha=16))
+    _perturb(model)
+    expected = _logits(model)
+    out = finish_stage(model, "merge_final", 0, tmp_path, MergeConfig(method="magmax"))
+    assert model.base_model.active_adapters == ["merged"]
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".merged." in n)
+    torch.testing.assert_close(_logits(out.model), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_final_run_with_magmax_saves_what_it_evaluated(tmp_path, monkeypatch):
+    results, final = _toy_run(tmp_path, "merge_final", "method=magmax", monkeypatch=monkeypatch)
+    assert results.data["complete"] and len(results.data["stage_stats"]) == 2
+    reloaded = PeftModel.from_pretrained(load_model("tiny", seed=0)[0], results.run_dir / "adapters" / "merged")
+    torch.testing.assert_close(_logits(reloaded), _logits(final.to("cpu")), atol=1e-5, rtol=1e-5)
+
+
 def _toy_run(tmp_path, adapter, *extra, monkeypatch=None):
     scenario = write_toy_scenario(tmp_path / "data")
     captured = {}

@@ -39,3 +39,26 @@ def test_example_runs_and_prints_R(script, scenario):
     for row in ("before training", "after colors", "after animals"):
         assert re.search(rf"^{row}\s+\d+\.\d\s+\d+\.\d\s*$", out, re.M), out
     assert re.search(r"ACC=\d+\.\d", out)
+
+
+def test_plain_loop_calls_after_backward_every_step(scenario, monkeypatch):
+    import importlib.util
+
+    from continual_ft.strategies.agem import AGEM
+
+    spec = importlib.util.spec_from_file_location("plain_loop", ROOT / "examples" / "plain_loop.py")
+    plain_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plain_loop)
+    calls, original = [], AGEM.after_backward
+
+    def spy(self, model, stage, step):
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # before zero_grad
+        calls.append((stage.index, step, len(self.memory.buffer)))
+        return original(self, model, stage, step)
+
+    monkeypatch.setattr(AGEM, "after_backward", spy)
+    R = plain_loop.main(["--model", "tiny", "--scenario", str(scenario), "--batch-size", "4", "--strategy", "agem"])
+    assert len(R) == 3
+    steps = {k: [s for i, s, _ in calls if i == k] for k in (0, 1)}
+    assert steps[0] == steps[1] == [1, 2, 3, 4]  # 16 examples a stage, 4 a step
+    assert {m for i, _, m in calls if i == 1} == {16}  # stage 2 consulted stage 1's examples

@@ -7,10 +7,12 @@ from conftest import make_examples
 from continual_ft.adapters import start_stage
 from continual_ft.batching import Encoder
 from continual_ft.config import LoraConfig
+from continual_ft.errors import ContinualFTError
 from continual_ft.hf import Collator, ContinualTrainer, ExampleDataset, stage_info, train_stage_hf
 from continual_ft.losses import mean_token_loss
 from continual_ft.models import load_model
 from continual_ft.strategies import Strategy
+from continual_ft.strategies.agem import AGEM, AGEMConfig
 from continual_ft.strategies.lwf import LwF
 
 pytest.importorskip("accelerate")  # transformers.Trainer needs it
@@ -47,6 +49,10 @@ class Recorder(Strategy):
         assert all(t == "a" for t in batch["tasks"])
         self.calls.append("penalty")
         return None
+
+    def after_backward(self, model, stage, step):
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad) and stage is not None
+        self.calls.append(f"after_backward {step}")
 
     def after_stage(self, model, stage):
         self.calls.append("after_stage")
@@ -126,7 +132,44 @@ def test_train_stage_hf_calls_the_hooks_in_order(tmp_path):
         _args(tmp_path, max_steps=2, gradient_accumulation_steps=2),
         encoder=encoder,
     )
-    assert recorder.calls == ["train_data", "before_stage"] + ["penalty"] * 4 + ["after_stage"]
+    steps = [*["penalty", "penalty", "after_backward 1"], *["penalty", "penalty", "after_backward 2"]]
+    assert recorder.calls == ["train_data", "before_stage", *steps, "after_stage"]  # a step's gradient is complete
+
+
+class ZeroGradient(Strategy):
+    """Zeroes every gradient in ``after_backward``: the optimizer must then leave the weights alone."""
+
+    name = "zero"
+
+    def after_backward(self, model, stage, step):
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+
+
+def test_after_backward_comes_before_the_optimizer_step(tmp_path):
+    model, _ = _train(tmp_path, [ZeroGradient()], make_examples("a", 16))
+    fresh, _, _ = _setup()
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)  # AdamW (no weight decay) with zero gradients: no change
+
+
+def test_agem_consults_its_memory_every_step_inside_the_trainer(tmp_path):
+    model, tokenizer, encoder = _setup()
+    agem = AGEM(AGEMConfig(memory_size=4, reference_batch=4))
+    agem.after_stage(model, stage_info(0, make_examples("a", 8), encoder))
+    examples = make_examples("b", 16)
+    train_stage_hf(
+        model, tokenizer, examples, [agem], stage_info(1, examples, encoder), _args(tmp_path), encoder=encoder
+    )
+    assert agem.steps == 3 and 0 <= agem.stats()["projected_share"] <= 1
+
+
+def test_gradient_hooks_are_refused_over_several_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    model, _, _ = _setup()
+    with pytest.raises(ContinualFTError, match="strategy=agem with the HF Trainer over 2 processes"):
+        ContinualTrainer(model=model, args=_args(tmp_path), strategies=[AGEM()])
 
 
 def test_lwf_works_inside_the_trainer(tmp_path):

@@ -31,6 +31,7 @@ CASES: dict[str, list[str]] = {
     "joint": [],
     "lwf": ["lwf.alpha=1.0", "lwf.temperature=2.0"],
     "olora": ["adapter=new", "olora.lam=0.1", "olora.l2=0.01"],
+    "agem": ["agem.memory_size=8", "agem.reference_batch=4"],
 }
 
 

@@ -184,3 +184,53 @@ def test_training_attention_is_set_while_training_and_restored(setup):
         hook.remove()
     assert seen and set(seen) == {"eager" if before != "eager" else "sdpa"}
     assert base.config._attn_implementation == before
+
+
+def test_gradient_checkpointing_trains_the_same_steps_and_recomputes(setup):
+    """``train.gradient_checkpointing`` recomputes each decoder layer in the backward pass (its forward runs
+    twice per micro-batch), trains the same weights, and is off again once the stage is done."""
+    model, enc = setup
+    layer = model.get_base_model().model.layers[0].mlp  # a module inside the recomputed layer
+    calls = {"n": 0}
+
+    def count(module, args):
+        calls["n"] += 1
+
+    plain = _trained(copy.deepcopy(model), enc, micro_tokens=-1)
+    ckpt_model = copy.deepcopy(model)
+    hook = ckpt_model.get_base_model().model.layers[0].mlp.register_forward_pre_hook(count)
+    try:
+        ckpt = _trained(ckpt_model, enc, micro_tokens=-1, gradient_checkpointing=True)
+    finally:
+        hook.remove()
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert calls["n"] == 2 * 3  # 3 steps of one micro-batch: a forward and its recomputation each
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in ckpt_model.modules())
+    hook = layer.register_forward_pre_hook(count)  # and without it, one forward per step
+    calls["n"] = 0
+    try:
+        _trained(model, enc, micro_tokens=-1)
+    finally:
+        hook.remove()
+    assert calls["n"] == 3
+
+
+def test_padding_to_a_multiple_trains_the_same_steps(setup):
+    """``train.pad_to_multiple_of`` only widens the (masked) padding: the same weights, in fewer distinct shapes."""
+    from continual_ft.batching import collate, collate_packed
+
+    model, enc = setup
+    items = [enc.encode(e) for e in examples(5)]
+    longest = max(len(it) for it in items)
+    for multiple in (1, 7, 64):
+        padded, packed = collate(items, 0, multiple), collate_packed(items, 0, multiple)
+        assert padded["input_ids"].shape[1] == -(-longest // multiple) * multiple
+        assert packed["input_ids"].shape[1] % multiple == 0
+        assert padded["n_tokens"] == packed["n_tokens"] == sum(len(it) for it in items)
+    assert collate(items, 0, 64)["input_ids"].shape[1] > longest  # the test does widen the rows
+    plain = _trained(copy.deepcopy(model), enc, micro_tokens=-1, pad_to_multiple_of=1)
+    for packing in (False, True):
+        wide = _trained(copy.deepcopy(model), enc, micro_tokens=-1, pad_to_multiple_of=64, packing=packing)
+        for a, b in zip(plain, wide):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
