@@ -83,7 +83,7 @@ class TrainConfig:
     )
     pad_to_multiple_of: int = _help(
         "round each micro-batch's padded width up to a multiple of this (fewer distinct shapes: on CPU each new one "
-        "builds and caches oneDNN kernels); 0 = 64 on CPU, 8 elsewhere; 1 = no rounding",
+        "builds and caches oneDNN kernels); 0 = 16 on CPU, 8 elsewhere; 1 = no rounding",
         0,
     )
     attention: str = _help(

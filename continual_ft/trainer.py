@@ -113,9 +113,10 @@ CPU_MICRO_TOKENS = 768
 
 
 #: ``train.pad_to_multiple_of=0``: on CPU, every new batch shape makes oneDNN build (JIT) and cache new
-#: matmul kernels: 60 steps of random widths grew RSS by 1 GB; widths in steps of 64 stayed flat (bench/README.md).
-#: On GPUs 8, tensor cores' granularity (as HF's ``pad_to_multiple_of=8``).
-CPU_PAD_MULTIPLE, GPU_PAD_MULTIPLE = 64, 8
+#: matmul kernels: 60 steps of random widths grew RSS by 1 GB, widths in steps of 64 stayed flat. The default
+#: job peaked at 2.68 GB in 399 s with 16, 2.99 GB in 457 s with 64 (padding short rows), 3.69 GB in 443 s
+#: without rounding. On GPUs 8, tensor cores' granularity (as HF's ``pad_to_multiple_of=8``).
+CPU_PAD_MULTIPLE, GPU_PAD_MULTIPLE = 16, 8
 
 
 def pad_multiple(cfg: TrainConfig, device: torch.device) -> int:
