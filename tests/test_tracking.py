@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import struct
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -327,3 +328,18 @@ def test_cli_list_shows_the_registry(capsys):
     lines = out.split("trackers (log=[...]", 1)[1].splitlines()[1:]
     section = [line.split()[0] for line in itertools.takewhile(lambda line: line.startswith("  "), lines)]
     assert section == list(TRACKERS)
+
+
+def test_the_tensorboard_example_draws_a_run(tracked, tmp_path):
+    """``examples/tensorboard_scalars.py`` (the README's picture of ``log=``) reads a run's event files back."""
+    pytest.importorskip("tensorboard")
+    run_dir, _, _ = tracked
+    script = Path(__file__).resolve().parents[1] / "examples" / "tensorboard_scalars.py"
+    out = tmp_path / "tracking.png"
+    proc = subprocess.run([sys.executable, str(script), str(run_dir), str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.stat().st_size > 10_000
+    empty = tmp_path / "empty"
+    (empty / "tensorboard").mkdir(parents=True)
+    proc = subprocess.run([sys.executable, str(script), str(empty), str(out)], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: no train/loss")
