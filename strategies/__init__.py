@@ -22,6 +22,7 @@ from continual_ft.strategies.lwf import LwF, LwFConfig
 from continual_ft.strategies.naive import Naive, NaiveConfig
 from continual_ft.strategies.olora import OLoRA, OLoRAConfig
 from continual_ft.strategies.replay import Replay, ReplayConfig
+from continual_ft.strategies.ssr import SSR, SSRConfig
 from continual_ft.strategies.task_balanced import TaskBalanced, TaskBalancedConfig
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "LwF",
     "OLoRA",
     "AGEM",
+    "SSR",
     "build",
     "settings",
 ]
@@ -51,6 +53,7 @@ STRATEGIES: dict[str, tuple[type[Strategy], type]] = {
     "task_balanced": (TaskBalanced, TaskBalancedConfig),
     "joint": (Joint, JointConfig),
     "agem": (AGEM, AGEMConfig),
+    "ssr": (SSR, SSRConfig),
 }
 
 

@@ -43,6 +43,9 @@ class StageInfo:
     examples: list[Example]  # this stage's own training examples (before any strategy adds to them)
     batches: Callable[[list[Example]], Iterable[dict]] = field(repr=False)  # examples -> tokenized batches
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] = field(repr=False)  # mean answer-token loss of a batch
+    # (model, prompts, max_new_tokens, *, chat, temperature, top_p, seed) -> the model's text after each
+    # prompt (:meth:`continual_ft.stage.Batches.generate`): self-synthesized rehearsal writes its examples with it.
+    generate: Callable[..., list[str]] | None = field(default=None, repr=False)
     final: bool = False  # no stage follows in this run: work only later stages use (EWC's Fisher) can be skipped
     # Sums a tensor over the processes of a multi-process run (identity in one process): a strategy
     # that accumulates over ``batches`` (each process gets its share of them) totals it with this.

@@ -32,6 +32,7 @@ CASES: dict[str, list[str]] = {
     "lwf": ["lwf.alpha=1.0", "lwf.temperature=2.0"],
     "olora": ["adapter=new", "olora.lam=0.1", "olora.l2=0.01"],
     "agem": ["agem.memory_size=8", "agem.reference_batch=4"],
+    "ssr": ["ssr.per_task=6", "ssr.demos=3", "ssr.max_new_tokens=12", "ssr.known_answers=false"],
 }
 
 

@@ -1,0 +1,181 @@
+"""Self-synthesized rehearsal: the generation it relies on, and what it keeps and replays."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_examples, make_stage
+
+from continual_ft.data import Example
+from continual_ft.errors import ContinualFTError
+from continual_ft.strategies import StageInfo, build
+from continual_ft.strategies.ssr import MARK, SSR, SSRConfig, template
+
+
+def _greedy(model, tokenizer, text: str, n: int) -> str:
+    """Reference greedy decoding: one full forward per token, no cache, no padding."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(n):
+            next_id = model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+            if next_id.item() == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+
+
+def test_generate_greedy_matches_unpadded_decoding(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    stage = make_stage(model, tokenizer, 0, make_examples("a", 4), batch_size=3)
+    prompts = ["a short one", "a much longer prompt than the first, so the batch is left-padded", "mid length text"]
+    got = stage.generate(model, prompts, 6, chat=False)
+    assert got == [_greedy(model, tokenizer, p, 6) for p in prompts]
+
+
+def test_generate_samples_by_seed_and_leaves_the_run_alone(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    stage = make_stage(model, tokenizer, 0, make_examples("a", 4))
+    model.train()
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = stage.generate(model, ["x", "y"], 8, chat=False, temperature=1.0, seed=1)
+    assert torch.equal(torch.rand(3), expected_next)  # the run's random stream is untouched
+    assert model.training  # mode restored
+    assert a == stage.generate(model, ["x", "y"], 8, chat=False, temperature=1.0, seed=1)
+    assert a != stage.generate(model, ["x", "y"], 8, chat=False, temperature=1.0, seed=2)
+
+
+def test_template_is_the_shared_instruction_and_cue():
+    prompts = ["Q: which?\n\nText: one\n\nAnswer:", "Q: which?\n\nText: two two\n\nAnswer:"]
+    assert template(prompts) == ("Q: which?\n\n", "\n\nAnswer:")
+    assert template(["no line breaks a", "no line breaks b"]) == ("", "")
+
+
+class Scripted:
+    """Stands in for ``stage.generate``: returns written inputs, then answers, and records the calls."""
+
+    def __init__(self, inputs: list[str], answers: dict[str, str]):
+        self.inputs, self.answers, self.calls = inputs, answers, []
+
+    def __call__(self, model, prompts, max_new_tokens, *, chat=True, **kw):
+        self.calls.append((list(prompts), chat, kw))
+        if not chat:
+            return self.inputs[: len(prompts)]
+        return [self.answers.get(p, "???") for p in prompts]
+
+
+def _stage(index, examples, generate, final=False):
+    """A stage whose ``generate`` is scripted (``batches`` and ``loss_fn`` are never used by SSR)."""
+    tasks = list(dict.fromkeys(e.task for e in examples))
+    return StageInfo(index, tasks, examples, batches=None, loss_fn=None, generate=generate, final=final)
+
+
+HEAD, TAIL = "Pick a color.\n\n", "\n\nAnswer:"
+
+
+def _colors(n):
+    return [Example("colors", f"{HEAD}Text: thing {i}{TAIL}", ["red", "blue"][i % 2], f"g{i}") for i in range(n)]
+
+
+def test_ssr_keeps_demos_and_filtered_synthetic_examples():
+    own = _colors(20)
+    written = [
+        "Text: new one\n\n",  # kept: answered "Red." -> the known label "red"
+        "Text: new one",  # same input again: dropped
+        "",  # empty: dropped
+        f"Text: new two\n{MARK} 5\nText: spill",  # cut where the model opens the next example
+        "Text: new three",  # answered with an unknown label: dropped
+    ]
+    answers = {
+        f"{HEAD}Text: new one{TAIL}": "Red.",
+        f"{HEAD}Text: new two{TAIL}": "blue",
+        f"{HEAD}Text: new three{TAIL}": "purple",
+    }
+    generate = Scripted(written, answers)
+    ssr = SSR(SSRConfig(per_task=10, demos=4, shots=2, oversample=1.0))
+    ssr.after_stage(None, _stage(0, own, generate))
+
+    assert len(ssr.demos["colors"]) == 4 and set(ssr.demos["colors"]) <= set(own)
+    assert {e.answer for e in ssr.demos["colors"]} == {"red", "blue"}  # demonstrations cover the answers
+    assert [(e.prompt, e.answer) for e in ssr.synthetic["colors"]] == [
+        (f"{HEAD}Text: new one{TAIL}", "red"),
+        (f"{HEAD}Text: new two{TAIL}", "blue"),
+    ]
+    (contexts, chat, kw), (questions, chat2, _) = generate.calls
+    assert not chat and chat2 and len(contexts) == 10 and kw["stop"] == [MARK] and kw["temperature"] == 1.0
+    for context in contexts:  # instruction once, then two numbered demonstrations' bodies, then the open slot
+        assert context.startswith(HEAD) and context.endswith(f"{MARK} 3\n") and context.count(MARK) == 3
+        assert "Answer:" not in context
+    assert len(questions) == 3  # the deduplicated, non-empty inputs, each asked with the task's template
+
+    # State holds the demonstrations and the synthetic examples, not the stage's other real examples.
+    state = ssr.state_dict()
+    real = {e.prompt for e in own}
+    stored = [e["prompt"] for es in state["demos"].values() for e in es]
+    stored += [e["prompt"] for es in state["synthetic"].values() for e in es]
+    assert len([p for p in stored if p in real]) == 4
+
+
+def test_ssr_mixes_synthetic_examples_of_earlier_tasks_only():
+    ssr = SSR(SSRConfig(ratio=0.5, per_task=50, demos=2, shots=1, oversample=1.0))
+    inputs = [f"Text: synthetic {i}" for i in range(50)]
+    answers = {f"{HEAD}Text: synthetic {i}{TAIL}": "red" for i in range(50)}
+    ssr.after_stage(None, _stage(0, _colors(10), Scripted(inputs, answers)))
+    assert len(ssr.synthetic["colors"]) == 50
+
+    animals = make_examples("animals", 8)
+    mixed = ssr.train_data(_stage(1, animals, None), animals)
+    extra = mixed[len(animals) :]
+    assert mixed[: len(animals)] == animals and len(extra) == 8  # ratio 0.5: as many as the stage's own
+    assert all(e.task == "colors" and e.group.startswith("ssr:") for e in extra)
+    assert len(set(extra)) == len(extra)  # without repetition while the pool is large enough
+
+    colors_again = _colors(6)  # a task trained again brings its own data: its synthetic examples stay out
+    assert ssr.train_data(_stage(2, colors_again, None), colors_again) == colors_again
+
+
+def test_ssr_skips_the_runs_last_stage_and_restores_its_state():
+    ssr = SSR(SSRConfig(per_task=4, demos=2, shots=1, oversample=1.0))
+    ssr.after_stage(None, _stage(0, _colors(6), Scripted([], {}), final=True))
+    assert ssr.synthetic == {} and ssr.generated == 0
+
+    inputs = [f"Text: s{i}" for i in range(4)]
+    answers = {f"{HEAD}Text: s{i}{TAIL}": "blue" for i in range(4)}
+    ssr.after_stage(None, _stage(0, _colors(6), Scripted(inputs, answers)))
+    restored = SSR(ssr.config)
+    restored.load_state_dict(ssr.state_dict())
+    animals = make_examples("animals", 6)
+    assert restored.train_data(_stage(1, animals, None), animals) == ssr.train_data(_stage(1, animals, None), animals)
+    assert restored.stats() == ssr.stats() and ssr.stats()["synthetic"] == 4
+
+
+def test_ssr_on_the_tiny_model_writes_examples_with_the_tasks_template(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    own = _colors(12)
+    stage = make_stage(model, tokenizer, 0, own)
+    ssr = SSR(SSRConfig(per_task=6, demos=3, shots=2, max_new_tokens=10, known_answers=False))
+    ssr.after_stage(model, stage)
+    assert ssr.generated == 9
+    synthetic = ssr.synthetic["colors"]
+    assert 0 < len(synthetic) <= 6
+    for e in synthetic:
+        assert e.task == "colors" and e.prompt.startswith(HEAD) and e.prompt.endswith(TAIL) and e.answer
+        assert e.prompt not in {x.prompt for x in own}
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ({"shots": 9, "demos": 8}, r"ssr\.shots must be <= ssr\.demos \(8\), got 9"),
+        ({"ratio": 0.0}, r"ssr\.ratio must be in \(0, 1\)"),
+        ({"temperature": 0.0}, r"ssr\.temperature must be > 0"),
+        ({"per_task": 0}, r"ssr\.per_task must be >= 1"),
+        ({"oversample": 0.5}, r"ssr\.oversample must be >= 1"),
+    ],
+)
+def test_bad_ssr_settings_fail_in_one_line(args, match):
+    with pytest.raises(ContinualFTError, match=match) as e:
+        build("ssr", {"ssr": args})
+    assert "\n" not in str(e.value)
