@@ -16,7 +16,10 @@ the last, its penalty in every stage but the first), against naive:
     overhead = (median_b t_step(variant, b) · n + t_once) / (median_b t_step(naive, b) · n)
 
 O-LoRA needs a new adapter per stage, so it is compared with naive under ``adapter=new`` (two LoRA
-modules per layer), not with the single continued adapter.
+modules per layer), not with the single continued adapter. A-GEM's per-step cost is its reference
+gradient (``after_backward``: a forward and backward on a batch from its memory of the first stage),
+at its default reference batch and at 2 examples. SSR trains like replay (at equal tokens a step costs
+what naive's does); its once-per-stage cost is writing and answering its synthetic examples.
 
     python bench/strategy_overhead.py                    # smollm2-135m, stage 2 of legal_then_medical
     python bench/strategy_overhead.py --model tiny --batches 3 --json overhead.json
@@ -60,8 +63,9 @@ def main(argv=None) -> dict:
     from continual_ft.config import DataConfig, LoraConfig, TrainConfig
     from continual_ft.models import load_model
     from continual_ft.scenario import load_scenario
-    from continual_ft.stage import Batches, stage_info
-    from continual_ft.strategies import EWC, LwF, OLoRA, StageInfo
+    from continual_ft.stage import Batches, after_backward, stage_info
+    from continual_ft.strategies import AGEM, EWC, SSR, LwF, OLoRA, StageInfo
+    from continual_ft.strategies.agem import AGEMConfig
     from continual_ft.strategies.lwf import LwFConfig
     from continual_ft.trainer import autocast_for, backward_step, resolve_precision
 
@@ -94,12 +98,15 @@ def main(argv=None) -> dict:
     def stage(i: int, examples) -> StageInfo:
         return stage_info(i, scenario.stages[i].tasks, examples, batches)
 
+    second_stage = stage(1, second)
+
     def optimizer(model):
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr)
 
-    def step(model, opt, batch, strategies) -> float:
+    def step(model, opt, batch, strategies, step_no: int = 1) -> float:
         start = time.perf_counter()
         backward_step(model, [batch], strategies, autocast)
+        after_backward(strategies, model, second_stage, step_no)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], train.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -118,8 +125,11 @@ def main(argv=None) -> dict:
         opt = optimizer(model)
         for batch in warm:
             step(model, opt, batch, [])
-    ewc = EWC()
+    ewc, agem, agem2, ssr = EWC(), AGEM(), AGEM(AGEMConfig(reference_batch=2)), SSR()
     once = {"ewc": timed(lambda: ewc.after_stage(continued, stage(0, first)))}  # the Fisher pass
+    for memory in (agem, agem2):  # fill the memory from the first stage (text only: no model pass)
+        memory.after_stage(continued, stage(0, first))
+    once["ssr"] = timed(lambda: ssr.after_stage(continued, stage(0, first)))  # write and answer examples
     stacked = adapters.start_stage(stacked, "new", 1, LoraConfig())
     lwf, lwf_all, olora = LwF(), LwF(LwFConfig(fraction=1.0)), OLoRA()
     once["lwf"] = timed(lambda: lwf.before_stage(continued, stage(1, second)))  # the teacher snapshot
@@ -134,6 +144,9 @@ def main(argv=None) -> dict:
         "lwf (fraction=1)": (continued, opt_continued, [lwf_all], "naive"),
         "naive (adapter=new)": (stacked, opt_stacked, [], "naive (adapter=new)"),
         "olora": (stacked, opt_stacked, [olora], "naive (adapter=new)"),
+        "agem": (continued, opt_continued, [agem], "naive"),
+        "agem (reference_batch=2)": (continued, opt_continued, [agem2], "naive"),
+        "ssr": (continued, opt_continued, [ssr], "naive"),
     }
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -145,7 +158,7 @@ def main(argv=None) -> dict:
         order = names[b % len(names) :] + names[: b % len(names)]  # rotate: no variant always runs first
         for name in order:
             model, opt, strategies, _ = variants[name]
-            seconds = step(model, opt, batch, strategies)
+            seconds = step(model, opt, batch, strategies, b + 1)
             if b >= args.warmup:
                 times[name].append(seconds)
         if b >= args.warmup:
@@ -175,6 +188,7 @@ def main(argv=None) -> dict:
         "timed_batches": args.batches,
         "stage_steps": args.stage_steps,
         "mean_tokens_per_batch": statistics.mean(tokens),
+        "ssr": ssr.stats(),
         "variants": rows,
     }
     print(
@@ -182,10 +196,10 @@ def main(argv=None) -> dict:
         f"(~{result['mean_tokens_per_batch']:.0f} real tokens), median of {args.batches} steps each; "
         f"once-per-stage cost spread over {args.stage_steps} steps"
     )
-    print(f"{'variant':22s} {'s/step':>7s} {'s/1k tok':>8s} {'step vs naive':>13s} {'once (s)':>8s} {'stage':>7s}")
+    print(f"{'variant':24s} {'s/step':>7s} {'s/1k tok':>8s} {'step vs naive':>13s} {'once (s)':>8s} {'stage':>7s}")
     for name, r in rows.items():
         print(
-            f"{name:22s} {r['step_seconds_median']:7.2f} {r['s_per_1k_tokens']:8.2f} {r['step_ratio']:12.2f}x "
+            f"{name:24s} {r['step_seconds_median']:7.2f} {r['s_per_1k_tokens']:8.2f} {r['step_ratio']:12.2f}x "
             f"{r['once_per_stage_seconds']:8.1f} {r['stage_overhead']:6.2f}x"
         )
     if args.json:

@@ -33,7 +33,7 @@ MARK = "### Example"
 
 @dataclass
 class SSRConfig:
-    per_task: int = field(default=200, metadata={"help": "synthetic examples kept per task (at most)"})
+    per_task: int = field(default=100, metadata={"help": "synthetic examples kept per task (at most)"})
     ratio: float = field(
         default=0.25, metadata={"help": "expected fraction of each batch drawn from the synthetic pool, in (0, 1)"}
     )
@@ -42,7 +42,7 @@ class SSRConfig:
     oversample: float = field(
         default=1.5, metadata={"help": "inputs generated per kept example (the filter drops some), >= 1"}
     )
-    max_new_tokens: int = field(default=96, metadata={"help": "longest generated input, in tokens"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest generated input, in tokens"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for the inputs, > 0"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass for the inputs, in (0, 1]"})
     base_inputs: bool = field(
@@ -53,7 +53,7 @@ class SSRConfig:
         default=True,
         metadata={"help": "keep a synthetic example only if its answer is one the task's training examples use"},
     )
-    batch_size: int = field(default=32, metadata={"help": "prompts generated together"})
+    batch_size: int = field(default=64, metadata={"help": "prompts generated together"})
     seed: int = field(default=0, metadata={"help": "seed for the demonstrations, the sampling and the draw"})
 
     def __post_init__(self):
@@ -106,8 +106,9 @@ class SSR(Strategy):
 
     1. keep ``demos`` of its training examples D_t (covering as many answers as possible);
     2. **inputs**: the base model (adapters disabled) continues a few-shot context of ``shots`` of them,
-       shuffled per sample, and writes a new input x̃ (temperature / top-p sampling); the task's shared
-       instruction and answer cue (:func:`template`) wrap it;
+       shuffled per sample, and writes a new input x̃ (temperature / top-p sampling), opened with what
+       every demonstration's input opens with and ended at the next example (or blank line, for
+       single-paragraph inputs); the task's shared instruction and answer cue (:func:`template`) wrap it;
     3. **outputs**: the model just trained on t answers each x̃ greedily, ỹ = argmax p_θt(y | x̃), as it
        answers at evaluation;
     4. **selection**: drop empty and repeated inputs, copies of a demonstration, and (``known_answers``)
@@ -163,12 +164,18 @@ class SSR(Strategy):
         c, demos = self.config, self.demos[task]
         head, tail = template([e.prompt for e in own])
         bodies = [e.prompt[len(head) : len(e.prompt) - len(tail)].strip() for e in demos]
+        # What every demonstration's input opens with ("Diagnosis: ") starts the open slot, so the model
+        # writes in that format; single-paragraph inputs end at the first blank line (where a small model
+        # otherwise goes on writing unrelated text).
+        lead = os.path.commonprefix(bodies)
+        lead = lead[: lead.rfind(" ") + 1].rstrip()  # "Diagnosis:": the model writes the space with its next word
+        ends = [MARK] + ([] if any("\n\n" in b for b in bodies) else ["\n\n"])
         rng = self._rng(f"shots:{task}", stage)
         contexts = []
         for _ in range(math.ceil(c.per_task * c.oversample)):
             shots = rng.sample(bodies, min(c.shots, len(bodies)))
             shown = "".join(f"{MARK} {i}\n{b}\n\n" for i, b in enumerate(shots, 1))
-            contexts.append(f"{head}{shown}{MARK} {len(shots) + 1}\n")
+            contexts.append(f"{head}{shown}{MARK} {len(shots) + 1}\n{lead}")
         # The base model writes the inputs (PEFT's disable_adapter; a model without adapters is its own base).
         base = model.disable_adapter() if c.base_inputs and hasattr(model, "disable_adapter") else nullcontext()
         with base:
@@ -180,15 +187,17 @@ class SSR(Strategy):
                 temperature=c.temperature,
                 top_p=c.top_p,
                 seed=_seed(c.seed, stage.index, task),
-                stop=[MARK],
+                stop=ends,
                 batch_size=c.batch_size,
             )
         self.generated += len(written)
         seen = set(bodies)
         inputs = []
         for text in written:
-            body = text.split(MARK)[0].strip()
-            if body and body not in seen:
+            for end in ends:
+                text = text.split(end)[0]
+            body = (lead + text).strip()
+            if text.strip() and body not in seen:
                 seen.add(body)
                 inputs.append(head + body + tail)
         # Answers are read as evaluation reads them (first line, case and a final period ignored).

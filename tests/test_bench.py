@@ -157,12 +157,16 @@ def test_strategy_overhead_bench_tiny(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     variants = json.loads(out.read_text())["variants"]
-    assert set(variants) == {"naive", "ewc", "lwf", "lwf (fraction=1)", "naive (adapter=new)", "olora"}
+    assert set(variants) == {
+        *("naive", "ewc", "lwf", "lwf (fraction=1)", "naive (adapter=new)", "olora"),
+        *("agem", "agem (reference_batch=2)", "ssr"),
+    }
     for name in ("naive", "naive (adapter=new)"):  # each baseline against itself
         assert variants[name]["step_ratio"] == 1.0 and variants[name]["stage_overhead"] == 1.0
     assert variants["olora"]["baseline"] == "naive (adapter=new)" and variants["ewc"]["baseline"] == "naive"
     assert variants["ewc"]["once_per_stage_seconds"] > 0  # the Fisher pass is timed and counted
     assert variants["ewc"]["stage_overhead"] > variants["ewc"]["step_ratio"]
+    assert variants["ssr"]["once_per_stage_seconds"] > 0  # writing the synthetic examples is counted
     assert all(v["step_seconds_median"] > 0 and v["s_per_1k_tokens"] > 0 for v in variants.values())
     assert "stage" in proc.stdout
 

@@ -56,14 +56,14 @@ def test_template_is_the_shared_instruction_and_cue():
 class Scripted:
     """Stands in for ``stage.generate``: returns written inputs, then answers, and records the calls."""
 
-    def __init__(self, inputs: list[str], answers: dict[str, str]):
-        self.inputs, self.answers, self.calls = inputs, answers, []
+    def __init__(self, inputs: list[str], answers: dict[str, str], default: str = "???"):
+        self.inputs, self.answers, self.default, self.calls = inputs, answers, default, []
 
     def __call__(self, model, prompts, max_new_tokens, *, chat=True, **kw):
         self.calls.append((list(prompts), chat, kw))
         if not chat:
             return self.inputs[: len(prompts)]
-        return [self.answers.get(p, "???") for p in prompts]
+        return [self.answers.get(p, self.default) for p in prompts]
 
 
 def _stage(index, examples, generate, final=False):
@@ -76,17 +76,20 @@ HEAD, TAIL = "Pick a color.\n\n", "\n\nAnswer:"
 
 
 def _colors(n):
-    return [Example("colors", f"{HEAD}Text: thing {i}{TAIL}", ["red", "blue"][i % 2], f"g{i}") for i in range(n)]
+    return [
+        Example("colors", f"{HEAD}Text: {['cup', 'car', 'hat'][i % 3]} {i}{TAIL}", ["red", "blue"][i % 2], f"g{i}")
+        for i in range(n)
+    ]
 
 
 def test_ssr_keeps_demos_and_filtered_synthetic_examples():
     own = _colors(20)
-    written = [
-        "Text: new one\n\n",  # kept: answered "Red." -> the known label "red"
-        "Text: new one",  # same input again: dropped
+    written = [  # what the model writes after the open slot, which starts with the shared "Text:"
+        " new one\n\nYou have a cure",  # kept: ends at the blank line; answered "Red." -> the known label "red"
+        " new one",  # same input again: dropped
         "",  # empty: dropped
-        f"Text: new two\n{MARK} 5\nText: spill",  # cut where the model opens the next example
-        "Text: new three",  # answered with an unknown label: dropped
+        f" new two\n{MARK} 5\nText: spill",  # cut where the model opens the next example
+        " new three",  # answered with an unknown label: dropped
     ]
     answers = {
         f"{HEAD}Text: new one{TAIL}": "Red.",
@@ -104,9 +107,10 @@ def test_ssr_keeps_demos_and_filtered_synthetic_examples():
         (f"{HEAD}Text: new two{TAIL}", "blue"),
     ]
     (contexts, chat, kw), (questions, chat2, _) = generate.calls
-    assert not chat and chat2 and len(contexts) == 10 and kw["stop"] == [MARK] and kw["temperature"] == 1.0
+    assert not chat and chat2 and len(contexts) == 10 and kw["temperature"] == 1.0
+    assert kw["stop"] == [MARK, "\n\n"]  # no demonstration has a blank line: one paragraph per input
     for context in contexts:  # instruction once, then two numbered demonstrations' bodies, then the open slot
-        assert context.startswith(HEAD) and context.endswith(f"{MARK} 3\n") and context.count(MARK) == 3
+        assert context.startswith(HEAD) and context.endswith(f"{MARK} 3\nText:") and context.count(MARK) == 3
         assert "Answer:" not in context
     assert len(questions) == 3  # the deduplicated, non-empty inputs, each asked with the task's template
 
@@ -120,9 +124,8 @@ def test_ssr_keeps_demos_and_filtered_synthetic_examples():
 
 def test_ssr_mixes_synthetic_examples_of_earlier_tasks_only():
     ssr = SSR(SSRConfig(ratio=0.5, per_task=50, demos=2, shots=1, oversample=1.0))
-    inputs = [f"Text: synthetic {i}" for i in range(50)]
-    answers = {f"{HEAD}Text: synthetic {i}{TAIL}": "red" for i in range(50)}
-    ssr.after_stage(None, _stage(0, _colors(10), Scripted(inputs, answers)))
+    inputs = [f" synthetic {i}" for i in range(50)]
+    ssr.after_stage(None, _stage(0, _colors(10), Scripted(inputs, {}, default="red")))
     assert len(ssr.synthetic["colors"]) == 50
 
     animals = make_examples("animals", 8)
@@ -141,9 +144,8 @@ def test_ssr_skips_the_runs_last_stage_and_restores_its_state():
     ssr.after_stage(None, _stage(0, _colors(6), Scripted([], {}), final=True))
     assert ssr.synthetic == {} and ssr.generated == 0
 
-    inputs = [f"Text: s{i}" for i in range(4)]
-    answers = {f"{HEAD}Text: s{i}{TAIL}": "blue" for i in range(4)}
-    ssr.after_stage(None, _stage(0, _colors(6), Scripted(inputs, answers)))
+    inputs = [f" s{i}" for i in range(4)]
+    ssr.after_stage(None, _stage(0, _colors(6), Scripted(inputs, {}, default="blue")))
     restored = SSR(ssr.config)
     restored.load_state_dict(ssr.state_dict())
     animals = make_examples("animals", 6)
