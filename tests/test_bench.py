@@ -193,3 +193,14 @@ def test_save_random_never_overwrites_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileExistsError, match="already holds a checkpoint"):
         save_random(None, None, tmp_path, {})
+
+
+def test_compile_probe_bench_tiny(tmp_path):
+    out = tmp_path / "probe.json"
+    probe = BENCH.parent / "compile_probe.py"
+    cmd = [sys.executable, str(probe), "--model", "tiny", "--steps", "3", "--warmup", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["mode"] == "eager" and result["tokens_per_s"] > 0 and result["first_step_seconds"] > 0
+    assert proc.stderr.count("[eager] step") == 3
