@@ -14,7 +14,8 @@ from continual_ft.strategies.ssr import MARK, SSR, SSRConfig, template
 
 def _greedy(model, tokenizer, text: str, n: int) -> str:
     """Reference greedy decoding: one full forward per token, no cache, no padding."""
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    device = next(model.parameters()).device
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
     start = ids.shape[1]
     with torch.no_grad():
         for _ in range(n):
