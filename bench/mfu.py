@@ -88,6 +88,35 @@ def known_peak_tflops(name: str) -> float | None:
     return None
 
 
+def measure_matmul_tflops(device, dtype, size: int | None = None, repeat: int = 5) -> float:
+    """Dense matmul TFLOP/s this device reaches in ``dtype``: the median of ``repeat`` timed square products.
+
+    A CPU has no data-sheet figure that torch reaches (AMX, AVX-512 BF16 or neither, and as many cores as the
+    process is given), so the benchmark measures one in the variant's thread count: the fraction of it that a
+    training step reaches is the share of the step that is matrix products at full speed.
+    """
+    import statistics
+    import time
+
+    import torch
+
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = []
+    for k in range(repeat + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if k >= 2:  # the first two warm the kernels up
+            times.append((time.perf_counter() - start) / 4)
+    return 2 * size**3 / statistics.median(times) / 1e12
+
+
 def achieved(flops_per_token: float, tokens_per_s: float, peak_tflops: float | None) -> dict:
     """TFLOP/s at ``tokens_per_s`` real tokens a second, and the fraction of ``peak_tflops`` (None without a peak)."""
     tflops = flops_per_token * tokens_per_s / 1e12

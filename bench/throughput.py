@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from meters import Memory, StepTimer
-from mfu import FORMULA, achieved, device_name, flops_per_token, known_peak_tflops
+from mfu import FORMULA, achieved, device_name, flops_per_token, known_peak_tflops, measure_matmul_tflops
 from random_arch import ARCHS
 
 VARIANTS = ("ours", "baseline")
@@ -89,7 +89,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="a continual-ft setting for ours (make_config syntax), e.g. --set train.max_tokens=4096;\n"
         "train.* and precision change ours only, lora.* and data.chat_template/system_prompt both variants",
     )
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for the fraction of peak")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's bf16 peak, for the fraction of peak; default: a known GPU's data-sheet figure,\n"
+        "else (CPUs) the bf16 matmul TFLOP/s measured here before the runs, in the variants' thread count",
+    )
     p.add_argument("--scenario", default="legal_then_medical", help="scenario name or YAML path")
     p.add_argument("--task", default="legal", help="task of the scenario whose training examples are used")
     p.add_argument("--examples", type=int, default=96, help="training examples (the first N of the task's train split)")
@@ -496,25 +502,54 @@ def format_table(results: dict) -> str:
         f"run{'s' if c['repeat'] > 1 else ''} each; {what}, {c['examples']} {c['task']} examples, "
         f"batch {c['batch_size']}, {c['warmup_steps']} warm-up step{'' if c['warmup_steps'] == 1 else 's'} untimed)"
     )
-    peak = "" if ours["peak_tflops"] is None else f"; % peak of {ours['peak_tflops']:.0f} TFLOP/s (bf16, dense)"
+    peak = "" if ours["peak_tflops"] is None else f"; % peak of {ours['peak_tflops']:.3g} TFLOP/s (bf16, dense)"
     lines.append(
         f"device: {ours['device_name']}; model FLOPs per real token {FORMULA} = {ours['flops_per_token'] / 1e9:.4g} "
         f"GFLOP (N = {ours['matmul_params'] / 1e6:.1f}M, N_lora = {ours['lora_params'] / 1e6:.2f}M, "
         f"c = {ours['mean_causal_context']:.0f}){peak}"
     )
+    measured = results.get("measured_matmul_tflops")
+    if measured:
+        lines.append(
+            f"measured dense matmul on this device: bf16 {measured['bf16']:.3g}, fp32 {measured['fp32']:.3g} TFLOP/s "
+            f"(bf16/fp32 {measured['bf16'] / measured['fp32']:.2f}x)"
+        )
     if c["set"]:
         lines.append(f"ours with: {' '.join(c['set'])}")
     return "\n".join(lines)
 
 
+def measure_peaks(args) -> dict:
+    """This device's measured dense matmul TFLOP/s in bf16 and fp32 (``--threads`` as the variants use)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {
+        name: measure_matmul_tflops(device, dtype)
+        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
+    }
+
+
 def run_both(args) -> dict:
     replace = {}
+    peaks = measure_peaks(args)
+    print(f"[bench] measured dense matmul: bf16 {peaks['bf16']:.3g}, fp32 {peaks['fp32']:.3g} TFLOP/s", file=sys.stderr)
+    if args.peak_tflops is None:
+        import torch
+
+        if torch.cuda.is_available():
+            known = known_peak_tflops(torch.cuda.get_device_name())
+            replace["peak_tflops"] = known if known is not None else peaks["bf16"]
+        else:
+            replace["peak_tflops"] = peaks["bf16"]
     if args.save_random:
         print(f"[bench] writing the random {args.arch} checkpoint to {args.save_random} ...", file=sys.stderr)
         proc = subprocess.run(_child_command(args, "--save-random", args.save_random, "--save-only"))
         if proc.returncode != 0:
             raise SystemExit(f"[bench] writing the random checkpoint failed (exit code {proc.returncode})")
-        replace = {"model": args.save_random, "arch": None}  # both variants load the very same weights from it
+        replace |= {"model": args.save_random, "arch": None}  # both variants load the very same weights from it
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
         for k in range(args.repeat):
@@ -534,6 +569,7 @@ def run_both(args) -> dict:
         chosen[variant]["runs"] = [{key: r.get(key) for key in _MEDIANS + ("pid",)} for r in rs]
     ours, base = chosen["ours"]["median"], chosen["baseline"]["median"]
     config = {name: getattr(args, name) for name in _FORWARDED + ("repeat", "set", "save_random")}
+    config["peak_tflops"] = replace.get("peak_tflops", args.peak_tflops)
     tokens = {r["all_steps_real_tokens"] for rs in runs.values() for r in rs}
     return {
         "config": config,
@@ -542,6 +578,7 @@ def run_both(args) -> dict:
         "ratio_peak_memory": ours["peak_memory_mb"] / base["peak_memory_mb"] if base["peak_memory_mb"] else None,
         # Whole epochs give both variants (and every repeat) exactly the same tokens; a partial epoch does not.
         "same_tokens_all_steps": len(tokens) == 1,
+        "measured_matmul_tflops": peaks,
     }
 
 

@@ -249,6 +249,45 @@ def test_agem_combines_with_ewc_in_our_trainer(tiny_model_and_tokenizer):
     assert len(agem.memory.buffer) == 4 and {e.task for e in agem.memory.buffer} == {"a", "b"}
 
 
+def test_reference_every_n_steps_reuses_the_latest_reference_gradient(
+    agem_setup, tiny_model_and_tokenizer, monkeypatch
+):
+    """reference_every=3: g_ref drawn at steps 1, 4, 7 (seeded by that step) and every step projected onto the
+    latest; a new stage or a resumed object draws afresh; the paper's every-step rule is reference_every=1."""
+    model, agem, stage, first = agem_setup
+    agem.config.reference_every = 3
+    params = trainable(model)
+    drawn = []
+    real = AGEM.reference_gradient
+
+    def recording(self, model, stage, params, step):
+        drawn.append((stage.index, step))
+        return real(self, model, stage, params, step)
+
+    monkeypatch.setattr(AGEM, "reference_gradient", recording)
+    ref = memory_gradient(model, stage, first)  # the memory holds 8 = reference_batch: every draw is all of it
+    for step in range(1, 8):
+        g = -ref + 0.1 * step * torch.randn(ref.shape, generator=torch.Generator().manual_seed(step))
+        set_grads(params, g)
+        agem.after_backward(model, stage, step=step)
+        after = flat(p.grad for p in params)
+        assert abs(torch.dot(after, ref)) < 1e-4 * after.norm() * ref.norm()  # projected onto the kept g_ref
+    assert drawn == [(1, 1), (1, 4), (1, 7)] and agem.stats()["references"] == 3 and agem.steps == 7
+    resumed = AGEM(agem.config)  # a stage resumed at step 5: draws for its period's step, 4, at once
+    resumed.memory.buffer = list(agem.memory.buffer)
+    set_grads(params, -ref)
+    resumed.after_backward(model, stage, step=5)
+    resumed.after_backward(model, stage, step=6)
+    assert drawn[3:] == [(1, 4)]
+    agem.after_backward(model, make_stage(model, tiny_model_and_tokenizer[1], 2, first), step=1)
+    assert drawn[-1] == (2, 1)  # the next stage's step 1 never reuses stage 1's g_ref
+    agem.config.reference_every = 1
+    drawn.clear()
+    for step in (1, 2):
+        agem.after_backward(model, stage, step=step)
+    assert drawn == [(1, 1), (1, 2)]
+
+
 def test_agem_without_memory_or_without_a_stage():
     agem = AGEM()
     agem.after_backward(None, None, step=1)  # stage 0: nothing to project onto, nothing run
@@ -277,6 +316,7 @@ def test_agem_state_round_trips(agem_setup):
     [
         ({"memory_size": 0}, r"agem\.memory_size must be >= 1, got 0"),
         ({"reference_batch": 0}, r"agem\.reference_batch must be >= 1, got 0"),
+        ({"reference_every": 0}, r"agem\.reference_every must be >= 1, got 0"),
         ({"policy": "fifo"}, r"agem\.policy must be one of reservoir, task_balanced, got 'fifo'"),
     ],
 )

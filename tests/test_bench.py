@@ -13,7 +13,7 @@ import torch
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
 sys.path.insert(0, str(BENCH.parent))
 
-from mfu import flops_per_token, known_peak_tflops  # noqa: E402
+from mfu import flops_per_token, known_peak_tflops, measure_matmul_tflops  # noqa: E402
 from random_arch import ARCHS, arch_config, build_random  # noqa: E402
 from throughput import parse_args  # noqa: E402
 
@@ -41,6 +41,13 @@ def test_throughput_bench_tiny(tmp_path):
     # Model FLOPs belong to the model and the data, not to the variant.
     assert variants["ours"]["flops_per_token"] == variants["baseline"]["flops_per_token"]
     assert results["ratio_tokens_per_s"] > 0
+    # On a CPU (no data-sheet peak) the fraction of peak is against the bf16 matmul speed measured before the runs.
+    measured = results["measured_matmul_tflops"]
+    assert measured["bf16"] > 0 and measured["fp32"] > 0 and "measured dense matmul" in proc.stdout
+    if not torch.cuda.is_available():
+        for r in variants.values():
+            assert r["peak_tflops"] == measured["bf16"]
+            assert r["fraction_of_peak"] == pytest.approx(r["tflops"] / measured["bf16"])
 
 
 def test_random_arch_bench_runs_without_datasets(tmp_path):
@@ -117,6 +124,12 @@ def test_flops_per_token_is_4n_plus_lora_plus_attention():
     assert work["flops_per_token"] == 4 * n + 6 * 2 * (d + d) + 12 * 1 * d * context
 
 
+def test_measured_matmul_peak_counts_the_flops_of_a_product():
+    """2·n³ FLOPs over the median time: a slower dtype or a smaller thread count gives a smaller figure, never 0."""
+    tflops = measure_matmul_tflops(torch.device("cpu"), torch.float32, size=256, repeat=3)
+    assert 1e-4 < tflops < 1e3
+
+
 def test_known_gpu_peaks():
     assert known_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert known_peak_tflops("NVIDIA H100 PCIe") == 756.0
@@ -153,14 +166,17 @@ OVERHEAD = BENCH.parent / "strategy_overhead.py"
 
 def test_strategy_overhead_bench_tiny(tmp_path):
     out = tmp_path / "overhead.json"
-    cmd = [sys.executable, str(OVERHEAD), "--model", "tiny", "--batches", "2", "--warmup", "1", "--json", str(out)]
+    cmd = [sys.executable, str(OVERHEAD), "--model", "tiny", "--batches", "8", "--warmup", "0", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     variants = json.loads(out.read_text())["variants"]
     assert set(variants) == {
         *("naive", "ewc", "lwf", "lwf (fraction=1)", "naive (adapter=new)", "olora"),
-        *("agem", "agem (reference_batch=2)", "ssr"),
+        *("agem", "agem (every step)", "agem (every step, reference_batch=2)", "ssr"),
     }
+    agem = variants["agem"]  # reference_every=8: one step in eight pays the reference pass, timed by the mean
+    assert agem["step_seconds"] == agem["step_seconds_mean"] != agem["step_seconds_median"]
+    assert variants["agem (every step)"]["step_seconds"] == variants["agem (every step)"]["step_seconds_median"]
     for name in ("naive", "naive (adapter=new)"):  # each baseline against itself
         assert variants[name]["step_ratio"] == 1.0 and variants[name]["stage_overhead"] == 1.0
     assert variants["olora"]["baseline"] == "naive (adapter=new)" and variants["ewc"]["baseline"] == "naive"
