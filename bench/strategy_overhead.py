@@ -210,10 +210,10 @@ def main(argv=None) -> dict:
         f"(~{result['mean_tokens_per_batch']:.0f} real tokens), median of {args.batches} steps each; "
         f"once-per-stage cost spread over {args.stage_steps} steps"
     )
-    print(f"{'variant':24s} {'s/step':>7s} {'s/1k tok':>8s} {'step vs naive':>13s} {'once (s)':>8s} {'stage':>7s}")
+    print(f"{'variant':36s} {'s/step':>7s} {'s/1k tok':>8s} {'step vs naive':>13s} {'once (s)':>8s} {'stage':>7s}")
     for name, r in rows.items():
         print(
-            f"{name:24s} {r['step_seconds']:7.2f} {r['s_per_1k_tokens']:8.2f} {r['step_ratio']:12.2f}x "
+            f"{name:36s} {r['step_seconds']:7.2f} {r['s_per_1k_tokens']:8.2f} {r['step_ratio']:12.2f}x "
             f"{r['once_per_stage_seconds']:8.1f} {r['stage_overhead']:6.2f}x"
         )
     if args.json:
