@@ -143,18 +143,22 @@ def collate_packed(items: Sequence[Encoded], pad_id: int = 0, multiple: int = 1)
     }
 
 
-def _cost(lengths: Sequence[int], packed: bool) -> int:
-    """Tokens a micro-batch computes on: its real tokens when packed, rows × longest row when padded."""
-    return sum(lengths) if packed else len(lengths) * max(lengths)
+def _cost(lengths: Sequence[int], packed: bool, multiple: int = 1) -> int:
+    """Tokens a micro-batch computes on: its real tokens when packed, rows × longest row when padded,
+    the width rounded up to ``multiple`` as the collator pads it."""
+    width = padded_width(sum(lengths) if packed else max(lengths), multiple)
+    return width if packed else len(lengths) * width
 
 
-def _cut(order: list[int], items: Sequence[Encoded], batch_size: int, max_tokens: int, packed: bool) -> list:
+def _cut(
+    order: list[int], items: Sequence[Encoded], batch_size: int, max_tokens: int, packed: bool, multiple: int = 1
+) -> list:
     """Consecutive batches of ``order``: ``batch_size`` each, or as many as fit in ``max_tokens``."""
     if not max_tokens:
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     batches, current = [], []
     for i in order:
-        if current and _cost([len(items[j]) for j in current] + [len(items[i])], packed) > max_tokens:
+        if current and _cost([len(items[j]) for j in current] + [len(items[i])], packed, multiple) > max_tokens:
             batches.append(current)
             current = []
         current.append(i)  # an example longer than the budget gets a batch of its own
@@ -169,17 +173,19 @@ def length_grouped_batches(
     *,
     max_tokens: int = 0,
     packed: bool = False,
+    multiple: int = 1,
 ) -> Iterator[list[Encoded]]:
     """Shuffle, then sort by length inside chunks of ``mega`` batches so padding stays small.
 
     ``max_tokens`` forms batches by a token budget instead of ``batch_size`` examples: padded rows ×
-    longest row, or the sum of lengths when the batch will be ``packed``. With ``rng=None`` the order
-    is deterministic (sorted by length), as for evaluation.
+    longest row, or the sum of lengths when the batch will be ``packed``, the width rounded up to
+    ``multiple`` as the collator pads it. With ``rng=None`` the order is deterministic (sorted by
+    length), as for evaluation.
     """
     order = list(range(len(items)))
     if rng is None:
         order.sort(key=lambda i: len(items[i]))
-        batches = _cut(order, items, batch_size, max_tokens, packed)
+        batches = _cut(order, items, batch_size, max_tokens, packed, multiple)
     else:
         rng.shuffle(order)
         if max_tokens:  # chunks of about `mega` budgets' worth of examples
@@ -190,19 +196,22 @@ def length_grouped_batches(
         batches = []
         for start in range(0, len(order), chunk):
             part = sorted(order[start : start + chunk], key=lambda i: len(items[i]))
-            batches += _cut(part, items, batch_size, max_tokens, packed)
+            batches += _cut(part, items, batch_size, max_tokens, packed, multiple)
         rng.shuffle(batches)
     for b in batches:
         yield [items[i] for i in b]
 
 
-def split_batch(items: Sequence[Encoded], max_tokens: int, packed: bool = False) -> list[list[Encoded]]:
-    """``items`` in consecutive parts of at most ``max_tokens`` computed tokens each (one part if they fit;
-    an example longer than that gets a part of its own). Sorted by length first, so padding stays small."""
+def split_batch(
+    items: Sequence[Encoded], max_tokens: int, packed: bool = False, multiple: int = 1
+) -> list[list[Encoded]]:
+    """``items`` in consecutive parts of at most ``max_tokens`` computed tokens each, widths rounded up to
+    ``multiple`` as the collator pads them (one part if they fit; an example longer than that gets a part
+    of its own). Sorted by length first, so padding stays small."""
     order = sorted(range(len(items)), key=lambda i: len(items[i]))
-    if max_tokens <= 0 or _cost([len(e) for e in items], packed) <= max_tokens:
+    if max_tokens <= 0 or _cost([len(e) for e in items], packed, multiple) <= max_tokens:
         return [list(items)]
-    return [[items[i] for i in part] for part in _cut(order, items, len(items), max_tokens, packed)]
+    return [[items[i] for i in part] for part in _cut(order, items, len(items), max_tokens, packed, multiple)]
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -305,7 +305,8 @@ def train_stage(
     encoded = [encoder.encode(e) for e in examples]
     world = 1 if dist is None else dist.world
     # Every process draws the same global batches: `world` times the per-process size or token budget.
-    grouping = dict(max_tokens=cfg.max_tokens * world, packed=cfg.packing)
+    multiple = pad_multiple(cfg, device)
+    grouping = dict(max_tokens=cfg.max_tokens * world, packed=cfg.packing, multiple=multiple)
     global_batch = cfg.batch_size * world
     rng = random.Random(seed)
     if cfg.max_tokens:  # how many budgets an epoch fills: count the first epoch's (same seed, another generator)
@@ -333,7 +334,7 @@ def train_stage(
         while True:  # epochs, reshuffled each time; the step budget decides when to stop
             yield from length_grouped_batches(encoded, global_batch, rng, **grouping)
 
-    budget, multiple = micro_token_budget(cfg, device, dist), pad_multiple(cfg, device)
+    budget = micro_token_budget(cfg, device, dist)
     stats, stream = StageStats(), micro_batches()
     best_state, bad_evals, loss_sum, loss_tokens, drawn, last_loss, done = None, 0, 0.0, 0, 0, None, 0.0
     penalty_sum = None
@@ -365,7 +366,7 @@ def train_stage(
         micro = []
         for _ in range(cfg.grad_accum):
             items, dummy = _shard(next(stream), dist)
-            for part in split_batch(items, budget, cfg.packing):  # same step, less memory per forward
+            for part in split_batch(items, budget, cfg.packing, multiple):  # same step, less memory per forward
                 micro.append(_batch(part, pad, device, dummy, cfg.packing, multiple))
         drawn += cfg.grad_accum
         checkpointing = activation_checkpointing(model, cfg.gradient_checkpointing)

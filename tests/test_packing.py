@@ -63,14 +63,17 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_and_tokenizer, e
     assert (after_b - first_b).item() == pytest.approx(alone.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("multiple", [1, 16])
 @pytest.mark.parametrize("packed", [False, True])
-def test_token_budget_batches_respect_the_budget_and_cover_every_example(encoded, packed):
+def test_token_budget_batches_respect_the_budget_and_cover_every_example(encoded, packed, multiple):
+    """The budget counts what the collator builds: the padded width (rounded up to ``multiple``) × rows."""
     budget = 120
-    batches = list(length_grouped_batches(encoded, 8, random.Random(0), max_tokens=budget, packed=packed))
+    grouped = length_grouped_batches(encoded, 8, random.Random(0), max_tokens=budget, packed=packed, multiple=multiple)
+    batches = list(grouped)
     seen = sorted(id(e) for b in batches for e in b)
     assert seen == sorted(id(e) for e in encoded)
     for b in batches:
-        cost = sum(len(e) for e in b) if packed else len(b) * max(len(e) for e in b)
-        assert cost <= budget or len(b) == 1
+        built = collate_packed(b, 0, multiple) if packed else collate(b, 0, multiple)
+        assert built["input_ids"].numel() <= budget or len(b) == 1
     sizes = {len(b) for b in batches}
     assert len(sizes) > 1  # batches hold as many examples as fit, not a fixed count

@@ -159,7 +159,7 @@ def test_split_batches_train_the_same_steps(setup):
 
 
 def test_split_batch_respects_the_budget(setup):
-    from continual_ft.batching import split_batch
+    from continual_ft.batching import collate, padded_width, split_batch
 
     _, enc = setup
     items = [enc.encode(e) for e in examples(8)]
@@ -168,6 +168,15 @@ def test_split_batch_respects_the_budget(setup):
     assert len(parts) > 1 and sorted(map(id, sum(parts, []))) == sorted(map(id, items))
     assert all(len(p) * max(len(it) for it in p) <= budget for p in parts)
     assert split_batch(items, 0) == [items]
+    # The collator rounds widths up to the pad multiple: the budget holds for what is computed, padding included.
+    for multiple in (16, 64):
+        parts = split_batch(items, budget, multiple=multiple)
+        assert sorted(map(id, sum(parts, []))) == sorted(map(id, items))
+        widths = [padded_width(max(len(it) for it in p), multiple) for p in parts]
+        assert all(len(p) * w <= budget for p, w in zip(parts, widths) if len(p) > 1)
+        assert all(collate(p, 0, multiple)["input_ids"].numel() <= budget for p in parts if len(p) > 1)
+    rounded = split_batch(items, budget, multiple=64)
+    assert len(rounded) >= len(split_batch(items, budget))
 
 
 def test_training_attention_is_set_while_training_and_restored(setup):
