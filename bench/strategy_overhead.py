@@ -18,9 +18,9 @@ the last, its penalty in every stage but the first), against naive:
 O-LoRA needs a new adapter per stage, so it is compared with naive under ``adapter=new`` (two LoRA
 modules per layer), not with the single continued adapter. A-GEM's per-step cost is its reference
 gradient (``after_backward``: a forward and backward on a batch from its memory of the first stage),
-at its defaults (a reference batch of 8 recomputed every 8th step, ``reference_every=8``, timed by
-the mean over the steps, since a median would leave out the one step in eight that pays: ``--batches``
-a multiple of 8 times whole periods), and every step as in the paper, with 8 and with 2 examples. SSR
+at its defaults (a reference batch of 8, every step as in the paper), with 2 examples, and recomputed
+every 8th step (``reference_every=8``, timed by the mean over the steps, since a median would leave
+out the one step in eight that pays: ``--batches`` a multiple of 8 times whole periods). SSR
 trains like replay (at equal tokens a step costs what naive's does); its once-per-stage cost is writing
 and answering its synthetic examples.
 
@@ -129,9 +129,9 @@ def main(argv=None) -> dict:
         for batch in warm:
             step(model, opt, batch, [])
     ewc, agem, ssr = EWC(), AGEM(), SSR()
-    agem1, agem2 = AGEM(AGEMConfig(reference_every=1)), AGEM(AGEMConfig(reference_batch=2, reference_every=1))
+    agem8, agem2 = AGEM(AGEMConfig(reference_every=8)), AGEM(AGEMConfig(reference_batch=2))
     once = {"ewc": timed(lambda: ewc.after_stage(continued, stage(0, first)))}  # the Fisher pass
-    for memory in (agem, agem1, agem2):  # fill the memory from the first stage (text only: no model pass)
+    for memory in (agem, agem8, agem2):  # fill the memory from the first stage (text only: no model pass)
         memory.after_stage(continued, stage(0, first))
     once["ssr"] = timed(lambda: ssr.after_stage(continued, stage(0, first)))  # write and answer examples
     stacked = adapters.start_stage(stacked, "new", 1, LoraConfig())
@@ -149,8 +149,8 @@ def main(argv=None) -> dict:
         "naive (adapter=new)": (stacked, opt_stacked, [], "naive (adapter=new)"),
         "olora": (stacked, opt_stacked, [olora], "naive (adapter=new)"),
         "agem": (continued, opt_continued, [agem], "naive"),
-        "agem (every step)": (continued, opt_continued, [agem1], "naive"),
-        "agem (every step, reference_batch=2)": (continued, opt_continued, [agem2], "naive"),
+        "agem (reference_every=8)": (continued, opt_continued, [agem8], "naive"),
+        "agem (reference_batch=2)": (continued, opt_continued, [agem2], "naive"),
         "ssr": (continued, opt_continued, [ssr], "naive"),
     }
     names = list(variants)

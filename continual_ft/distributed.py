@@ -247,6 +247,8 @@ class Dist:
     def close(self) -> None:
         """Destroy the process group at the end of a run (NCCL warns at exit otherwise); a no-op with one process."""
         if self.world > 1:
+            # Every rank past its last collective first, so none tears the group down under another.
+            self.accelerator.wait_for_everyone()
             self.accelerator.end_training()
 
 

@@ -30,11 +30,11 @@ class AGEMConfig:
         metadata={"help": "memory examples per reference gradient (an extra forward and backward every step)"},
     )
     reference_every: int = field(
-        default=8,
+        default=1,
         metadata={
             "help": "recompute g_ref every N optimizer steps and project onto the latest one in between "
-            "(1 = every step, the paper's; the reference pass's cost per step divides by N: 8 keeps A-GEM's "
-            "stage within 1.3x naive's)"
+            "(1 = every step, the paper's; the reference pass's cost per step divides by N, and so does the "
+            "protection: see the README)"
         },
     )
     policy: str = field(
@@ -97,7 +97,10 @@ class AGEM(Strategy):
       ``reference_every=N`` computes g_ref at steps 1, N+1, 2N+1, … of a stage (the draw seeded by that
       step) and projects every step onto the latest, dividing the reference cost per step by N: the
       constraint then holds for a memory gradient up to N−1 steps old. A stage resumed between two such
-      steps recomputes g_ref at its first step (the same draw, the current weights).
+      steps recomputes g_ref at its first step (the same draw, the current weights). Measured on
+      medical → legal (seed 0): N = 8 projected more steps than N = 1 (58% against 39%) and protected
+      nothing (BWT −31 against −1): a memory gradient a few steps old no longer points where the
+      forgetting goes, so the default is the paper's N = 1.
     """
 
     name = "agem"
