@@ -48,14 +48,17 @@ class StepTimer:
     """Timestamps every optimizer step and counts real tokens per step, identically for both variants.
 
     A forward pre-hook on the model adds up the attention mask of every training forward (real tokens) and
-    its size (padded tokens); a global post-hook on ``torch.optim.Optimizer.step`` closes the step.
+    its size (padded tokens); a global post-hook on ``torch.optim.Optimizer.step`` closes the step. A packed
+    row has no mask: its real tokens are all but the fill that rounds it up to the pad multiple, the last
+    segment (``position_ids`` restart there) when it holds nothing but ``pad_id``.
     """
 
-    def __init__(self, model, device):
+    def __init__(self, model, device, pad_id: int | None = None):
         import torch
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         self.device = device
+        self.pad_id = pad_id
         self.real = self.padded = 0
         self.step_real: list[int] = []
         self.step_padded: list[int] = []
@@ -73,11 +76,19 @@ class StepTimer:
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
         if mask is None:
-            self.real += ids.numel()
+            self.real += ids.numel() - self._fill(ids, kwargs.get("position_ids"))
             self.padded += ids.numel()
         else:
             self.real += int(mask.sum())
             self.padded += mask.numel()
+
+    def _fill(self, ids, positions) -> int:
+        """Pad tokens that end a packed row (``collate_packed``'s rounding), 0 for anything else."""
+        if positions is None or self.pad_id is None or ids.shape[0] != 1:
+            return 0
+        starts = (positions[0] == 0).nonzero()
+        tail = ids[0, int(starts[-1]) :] if len(starts) else ids[0]
+        return tail.numel() if bool((tail == self.pad_id).all()) and tail.numel() < ids.numel() else 0
 
     def _step(self, optimizer, args, kwargs):
         # Only torch's own optimizers: a wrapper (accelerate's AcceleratedOptimizer) must not count twice.

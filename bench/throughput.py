@@ -244,7 +244,7 @@ def run_ours(args) -> dict:
     model = adapters.start_stage(model, "continue", 0, config.lora)
     work = _measure_flops(model, encoder, examples, device, args.peak_tflops)
 
-    timer, memory = StepTimer(model, device), Memory(device)
+    timer, memory = StepTimer(model, device, pad_id=tokenizer.pad_token_id), Memory(device)
     memory.start()
     timer.begin()
     wall = time.perf_counter()

@@ -50,6 +50,38 @@ def test_throughput_bench_tiny(tmp_path):
             assert r["fraction_of_peak"] == pytest.approx(r["tflops"] / measured["bf16"])
 
 
+def test_packed_rows_count_their_real_tokens(tmp_path):
+    """Ours with a token budget and packing (rows rounded up to the pad multiple) trains on exactly the
+    baseline's real tokens: the meter leaves a packed row's fill out, as StageStats does."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCH), "--model", "tiny", "--examples", "16", "--json", str(out)]  # one epoch each
+    cmd += ["--set", "train.max_tokens=512", "--set", "train.packing=true", "--set", "train.pad_to_multiple_of=64"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    variants = json.loads(out.read_text())["variants"]
+    assert variants["ours"]["all_steps_real_tokens"] == variants["baseline"]["all_steps_real_tokens"]
+
+
+def test_step_timer_leaves_the_fill_of_a_packed_row_out():
+    from meters import StepTimer
+
+    from continual_ft.batching import Encoded, collate_packed
+
+    items = [Encoded((5, 6, 7), (8, 2), "a"), Encoded((9, 10), (2,), "a")]
+    model = torch.nn.Linear(1, 1)
+    for pad in (0, 2):  # 2: the pad token is also the answers' end, as where pad = EOS
+        timer = StepTimer(model, torch.device("cpu"), pad_id=pad)
+        try:
+            for multiple, fill in ((1, 0), (16, 8), (4, 0)):  # 8 real tokens: rounded to 16 adds 8, to 4 none
+                batch = collate_packed(items, pad, multiple)
+                timer.real = timer.padded = 0
+                kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+                timer._forward(model.train(), (), kwargs)
+                assert (timer.real, timer.padded) == (8, 8 + fill)
+        finally:
+            timer.close()
+
+
 def test_random_arch_bench_runs_without_datasets(tmp_path):
     """--arch with --save-random, both variants (baseline bf16) in processes where `import datasets` fails."""
     blocker = tmp_path / "site"
