@@ -41,6 +41,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
+ALL = {
+    "naive",
+    "ewc",
+    "lwf",
+    "lwf (fraction=1)",
+    "naive (adapter=new)",
+    "olora",
+    "agem",
+    "agem (reference_every=8)",
+    "agem (reference_batch=2)",
+    "ssr",
+}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny, a local directory or a hub id")
@@ -50,6 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed batches first (every variant runs them)")
     p.add_argument("--stage-steps", type=int, default=75, help="steps of the stage the per-stage cost is spread over")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--only",
+        metavar="NAMES",
+        help="comma-separated variants to time (their naive baselines come along), e.g. 'agem,ssr'",
+    )
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to this file")
     args = p.parse_args(argv)
     if min(args.batch_size, args.batches, args.stage_steps) < 1 or args.warmup < 0:
@@ -70,6 +89,7 @@ def main(argv=None) -> dict:
     from continual_ft.strategies import AGEM, EWC, SSR, LwF, OLoRA, StageInfo
     from continual_ft.strategies.agem import AGEMConfig
     from continual_ft.strategies.lwf import LwFConfig
+    from continual_ft.strategies.replay import draw
     from continual_ft.trainer import autocast_for, backward_step, resolve_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,15 +150,26 @@ def main(argv=None) -> dict:
             step(model, opt, batch, [])
     ewc, agem, ssr = EWC(), AGEM(), SSR()
     agem8, agem2 = AGEM(AGEMConfig(reference_every=8)), AGEM(AGEMConfig(reference_batch=2))
-    once = {"ewc": timed(lambda: ewc.after_stage(continued, stage(0, first)))}  # the Fisher pass
+    lwf, lwf_all, olora = LwF(), LwF(LwFConfig(fraction=1.0)), OLoRA()
+    wanted = ALL if args.only is None else {n.strip() for n in args.only.split(",")}
+    if wanted - ALL:
+        raise SystemExit(f"error: --only names unknown variants {sorted(wanted - ALL)}; known: {', '.join(ALL)}")
+    once = {}
+    # Each variant's once-per-stage work, run only for the variants timed (SSR's writing takes minutes).
+    setup = {
+        "ewc": lambda: ewc.after_stage(continued, stage(0, first)),  # the Fisher pass
+        "ssr": lambda: ssr.after_stage(continued, stage(0, first)),  # write and answer examples
+        "lwf": lambda: lwf.before_stage(continued, stage(1, second)),  # the teacher snapshot
+        "lwf (fraction=1)": lambda: lwf_all.before_stage(continued, stage(1, second)),
+    }
     for memory in (agem, agem8, agem2):  # fill the memory from the first stage (text only: no model pass)
         memory.after_stage(continued, stage(0, first))
-    once["ssr"] = timed(lambda: ssr.after_stage(continued, stage(0, first)))  # write and answer examples
+    for name, fn in setup.items():
+        if name in wanted:
+            once[name] = timed(fn)
     stacked = adapters.start_stage(stacked, "new", 1, LoraConfig())
-    lwf, lwf_all, olora = LwF(), LwF(LwFConfig(fraction=1.0)), OLoRA()
-    once["lwf"] = timed(lambda: lwf.before_stage(continued, stage(1, second)))  # the teacher snapshot
-    once["lwf (fraction=1)"] = timed(lambda: lwf_all.before_stage(continued, stage(1, second)))
-    once["olora"] = timed(lambda: olora.before_stage(stacked, stage(1, second)))
+    if "olora" in wanted:
+        once["olora"] = timed(lambda: olora.before_stage(stacked, stage(1, second)))
     opt_continued, opt_stacked = optimizer(continued), optimizer(stacked)
 
     variants = {  # name: (model, optimizer, strategies, the naive variant it is compared with)
@@ -153,7 +184,18 @@ def main(argv=None) -> dict:
         "agem (reference_batch=2)": (continued, opt_continued, [agem2], "naive"),
         "ssr": (continued, opt_continued, [ssr], "naive"),
     }
-    names = list(variants)
+    names = [n for n in variants if n in wanted or any(variants[w][3] == n for w in wanted)]
+    # A-GEM's cost per step is a forward and backward over its reference batch: the memory's tokens
+    # per draw against the step's own tokens say what it costs (memory of long texts, short stage: dear).
+    reference_tokens = {
+        n: statistics.mean(
+            sum(len(encoder.encode(e)) for e in draw(s.memory.buffer, s.config.reference_batch, random.Random(i)))
+            for i in range(32)
+        )
+        for n in names
+        for s in variants[n][2]
+        if isinstance(s, AGEM)
+    }
     times: dict[str, list[float]] = {n: [] for n in names}
     tokens: list[int] = []
     data_batches = list(shuffled(second, args.seed + 1))
@@ -192,6 +234,8 @@ def main(argv=None) -> dict:
             "once_per_stage_seconds": once.get(name, 0.0),
             "stage_overhead": stage_seconds / (t_base * args.stage_steps),
         }
+        if name in reference_tokens:
+            rows[name]["reference_tokens"] = reference_tokens[name]
     result = {
         "model": args.model,
         "scenario": scenario.name,
@@ -202,7 +246,7 @@ def main(argv=None) -> dict:
         "timed_batches": args.batches,
         "stage_steps": args.stage_steps,
         "mean_tokens_per_batch": statistics.mean(tokens),
-        "ssr": ssr.stats(),
+        "ssr": ssr.stats() if "ssr" in names else None,
         "variants": rows,
     }
     print(
@@ -215,6 +259,7 @@ def main(argv=None) -> dict:
         print(
             f"{name:36s} {r['step_seconds']:7.2f} {r['s_per_1k_tokens']:8.2f} {r['step_ratio']:12.2f}x "
             f"{r['once_per_stage_seconds']:8.1f} {r['stage_overhead']:6.2f}x"
+            + (f"  (reference batch ~{r['reference_tokens']:.0f} tokens)" if "reference_tokens" in r else "")
         )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -19,7 +19,6 @@ cannot change whether it matches (a newline ended its first line, or no label st
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 import time
 from contextlib import nullcontext
@@ -31,7 +30,7 @@ from continual_ft.batching import Encoder
 from continual_ft.data import Task
 from continual_ft.distributed import Dist
 from continual_ft.errors import ContinualFTError
-from continual_ft.losses import last_positions
+from continual_ft.losses import cache_kwarg, last_positions
 
 __all__ = ["TaskScore", "evaluate_task", "normalize_answer"]
 
@@ -131,12 +130,6 @@ def _squash(text: str) -> str:
     return "".join(text.casefold().split())
 
 
-def _cache_kwarg(model) -> str:
-    """transformers 5.x renames ``past_key_values`` to ``cache``; use whichever the model takes."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
 def _left_pad(seqs: list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -195,7 +188,7 @@ def _tree_logits(model, prompts: list[tuple[int, ...]], trie: _LabelTrie, pad_id
     if prefix is not None:
         rows = copy.deepcopy(prefix)  # the forward appends to it
         rows.batch_repeat_interleave(B)
-        cache = {_cache_kwarg(model): rows}
+        cache = {cache_kwarg(model): rows}
     out = model(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
@@ -222,7 +215,7 @@ def _decode(model, prompts: list[tuple[int, ...]], starts: list[list[int]], budg
             position_ids=position,
             use_cache=True,
             logits_to_keep=last_positions(1, ids.shape[1], device),
-            **({_cache_kwarg(model): cache} if cache is not None else {}),
+            **({cache_kwarg(model): cache} if cache is not None else {}),
         )
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         token = out.logits[:, -1].argmax(-1)

@@ -7,10 +7,18 @@ tokens, the part of the forward pass we never score.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["model_inputs", "last_positions", "answer_logits", "token_loss", "mean_token_loss"]
+__all__ = ["model_inputs", "cache_kwarg", "last_positions", "answer_logits", "token_loss", "mean_token_loss"]
+
+
+def cache_kwarg(model) -> str:
+    """transformers 5.x renames ``past_key_values`` to ``cache``; use whichever the model takes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def last_positions(n: int, width: int, device=None) -> torch.Tensor:

