@@ -22,7 +22,9 @@ at its defaults (a reference batch of 8, every step as in the paper), with 2 exa
 every 8th step (``reference_every=8``, timed by the mean over the steps, since a median would leave
 out the one step in eight that pays: ``--batches`` a multiple of 8 times whole periods). SSR
 trains like replay (at equal tokens a step costs what naive's does); its once-per-stage cost is writing
-and answering its synthetic examples.
+and answering its synthetic examples. MagMax (``adapter=merge_final method=magmax``) trains a fresh
+adapter from the base each stage (one active adapter, as naive's) and combines the stage adapters after
+it, timed here for two.
 
     python bench/strategy_overhead.py                    # smollm2-135m, stage 2 of legal_then_medical
     python bench/strategy_overhead.py --model tiny --batches 3 --json overhead.json
@@ -52,6 +54,7 @@ ALL = {
     "agem (reference_every=8)",
     "agem (reference_batch=2)",
     "ssr",
+    "magmax (merge_final)",
 }
 
 
@@ -82,7 +85,7 @@ def main(argv=None) -> dict:
 
     from continual_ft import adapters
     from continual_ft.batching import Encoder, collate, length_grouped_batches, to_device
-    from continual_ft.config import DataConfig, LoraConfig, TrainConfig
+    from continual_ft.config import DataConfig, LoraConfig, MergeConfig, TrainConfig
     from continual_ft.models import load_model
     from continual_ft.scenario import load_scenario
     from continual_ft.stage import Batches, after_backward, stage_info
@@ -92,6 +95,9 @@ def main(argv=None) -> dict:
     from continual_ft.strategies.replay import draw
     from continual_ft.trainer import autocast_for, backward_step, resolve_precision
 
+    wanted = ALL if args.only is None else {n.strip() for n in args.only.split(",")}
+    if wanted - ALL:
+        raise SystemExit(f"error: --only names unknown variants {sorted(wanted - ALL)}; known: {', '.join(ALL)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision("auto", device)
     autocast = autocast_for(precision, device)
@@ -109,6 +115,7 @@ def main(argv=None) -> dict:
 
     continued, tokenizer = fresh_model("continue")
     stacked, _ = fresh_model("new")
+    merged, _ = fresh_model("merge_final") if "magmax (merge_final)" in wanted else (None, None)
     encoder = Encoder(tokenizer, train.max_length, data.chat_template, data.system_prompt)
 
     batches = Batches(encoder, args.batch_size, device, autocast)  # what the runner gives strategies
@@ -144,16 +151,13 @@ def main(argv=None) -> dict:
 
     # Stage 1 as a run leaves it: a trained adapter, then each strategy's end-of-stage work.
     warm = list(shuffled(first, args.seed))[:4]
-    for model in (continued, stacked):
+    for model in (m for m in (continued, stacked, merged) if m is not None):
         opt = optimizer(model)
         for batch in warm:
             step(model, opt, batch, [])
     ewc, agem, ssr = EWC(), AGEM(), SSR()
     agem8, agem2 = AGEM(AGEMConfig(reference_every=8)), AGEM(AGEMConfig(reference_batch=2))
     lwf, lwf_all, olora = LwF(), LwF(LwFConfig(fraction=1.0)), OLoRA()
-    wanted = ALL if args.only is None else {n.strip() for n in args.only.split(",")}
-    if wanted - ALL:
-        raise SystemExit(f"error: --only names unknown variants {sorted(wanted - ALL)}; known: {', '.join(ALL)}")
     once = {}
     # Each variant's once-per-stage work, run only for the variants timed (SSR's writing takes minutes).
     setup = {
@@ -168,6 +172,8 @@ def main(argv=None) -> dict:
         if name in wanted:
             once[name] = timed(fn)
     stacked = adapters.start_stage(stacked, "new", 1, LoraConfig())
+    if merged is not None:  # merge_final trains a fresh adapter from the base; only it is active
+        merged = adapters.start_stage(merged, "merge_final", 1, LoraConfig())
     if "olora" in wanted:
         once["olora"] = timed(lambda: olora.before_stage(stacked, stage(1, second)))
     opt_continued, opt_stacked = optimizer(continued), optimizer(stacked)
@@ -183,6 +189,7 @@ def main(argv=None) -> dict:
         "agem (reference_every=8)": (continued, opt_continued, [agem8], "naive"),
         "agem (reference_batch=2)": (continued, opt_continued, [agem2], "naive"),
         "ssr": (continued, opt_continued, [ssr], "naive"),
+        "magmax (merge_final)": (merged, optimizer(merged) if merged is not None else None, [], "naive"),
     }
     names = [n for n in variants if n in wanted or any(variants[w][3] == n for w in wanted)]
     # A-GEM's cost per step is a forward and backward over its reference batch: the memory's tokens
@@ -211,6 +218,11 @@ def main(argv=None) -> dict:
         if b >= args.warmup:
             tokens.append(batch["n_tokens"])
         print(f"[bench] batch {b + 1}/{needed}", file=sys.stderr)
+
+    if merged is not None:  # MagMax's once-per-stage work: combining the stage adapters (here two) for evaluation
+        once["magmax (merge_final)"] = timed(
+            lambda: adapters.combine(merged, ["stage1", "stage2"], MergeConfig(method="magmax"), seed=args.seed)
+        )
 
     # A-GEM at reference_every=N pays its reference pass on one step in N: a median would drop it, so its
     # step time is the mean over the timed steps (whole periods when N divides --batches and --warmup is 2:

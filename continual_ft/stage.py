@@ -49,7 +49,7 @@ def _generate(model, ids: torch.Tensor, mask: torch.Tensor, options: dict) -> to
 
     torch's CPU SDPA kernel is fast over a whole prompt but slow for one query row against a long
     cache: a decode step of 16 rows after 600 prompt tokens took 392 ms with SDPA and 206 ms eager,
-    while eager took 1.7x SDPA's time over the prompts (bench/README.md, "Generation"). So the prompt
+    while eager took 1.7x SDPA's time over the prompts (`bench/generation.py` times both). So the prompt
     but its last token fills a KV cache under SDPA (positions from the mask, as ``generate`` numbers
     left-padded rows), and ``generate`` continues from that cache under eager attention: the same
     model and the same sampling, two kernels.
