@@ -32,7 +32,7 @@ import torch
 
 from continual_ft.batching import Encoder, collate, length_grouped_batches, to_device
 from continual_ft.data import Example
-from continual_ft.losses import cache_kwarg, last_positions, mean_token_loss
+from continual_ft.losses import mean_token_loss
 from continual_ft.strategies.base import StageInfo, Strategy
 
 __all__ = ["Batches", "StageRun", "stage_info", "run_stage", "total_penalty", "after_backward"]
@@ -42,40 +42,6 @@ T = TypeVar("T")
 
 def _identity(x):
     return x
-
-
-def _generate(model, ids: torch.Tensor, mask: torch.Tensor, options: dict) -> torch.Tensor:
-    """``model.generate`` on left-padded rows; on CPU with SDPA, the prompt through SDPA and the new tokens eager.
-
-    torch's CPU SDPA kernel is fast over a whole prompt but slow for one query row against a long
-    cache: a decode step of 16 rows after 600 prompt tokens took 392 ms with SDPA and 206 ms eager,
-    while eager took 1.7x SDPA's time over the prompts (`bench/generation.py` times both). So the prompt
-    but its last token fills a KV cache under SDPA (positions from the mask, as ``generate`` numbers
-    left-padded rows), and ``generate`` continues from that cache under eager attention: the same
-    model and the same sampling, two kernels.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if (
-        ids.device.type != "cpu"
-        or ids.shape[1] < 2
-        or getattr(base.config, "_attn_implementation", None) != "sdpa"
-        or not hasattr(base, "set_attn_implementation")
-    ):
-        return model.generate(input_ids=ids, attention_mask=mask, **options)
-    position = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=ids[:, :-1],
-        attention_mask=mask[:, :-1],
-        position_ids=position[:, :-1],
-        use_cache=True,
-        logits_to_keep=last_positions(1, ids.shape[1] - 1, ids.device),
-    )
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
-    base.set_attn_implementation("eager")
-    try:
-        return model.generate(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): cache}, **options)
-    finally:
-        base.set_attn_implementation("sdpa")
 
 
 @dataclass
@@ -155,7 +121,7 @@ class Batches:
                     width = max(map(len, rows))
                     ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
                     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-                    out = _generate(model, ids, mask, options)
+                    out = model.generate(input_ids=ids, attention_mask=mask, **options)
                     texts += tok.batch_decode(out[:, width:], skip_special_tokens=True)
         finally:
             model.train(was_training)

@@ -48,27 +48,6 @@ def test_generate_samples_by_seed_and_leaves_the_run_alone(tiny_model_and_tokeni
     assert a != stage.generate(model, ["x", "y"], 8, chat=False, temperature=1.0, seed=2)
 
 
-def test_cpu_decode_is_eager_after_an_sdpa_prompt_and_samples_the_same(tiny_model_and_tokenizer, monkeypatch):
-    import continual_ft.stage as stage_module
-
-    model, tokenizer = tiny_model_and_tokenizer
-    model.cpu()
-    stage = make_stage(model, tokenizer, 0, make_examples("a", 4), batch_size=4)
-    base = model.get_base_model()
-    assert base.config._attn_implementation == "sdpa"
-    seen = []  # the attention kernel of every forward
-    hook = base.model.register_forward_pre_hook(lambda m, a: seen.append(base.config._attn_implementation))
-    prompts = ["one two", "a longer prompt, left-padded in the batch", "x", "three four five"]
-    try:
-        split = stage.generate(model, prompts, 6, chat=False, temperature=1.0, top_p=0.9, seed=5)
-    finally:
-        hook.remove()
-    assert seen[0] == "sdpa" and set(seen[1:]) == {"eager"} and len(seen) > 2  # the prompt, then each new token
-    assert base.config._attn_implementation == "sdpa"  # given back
-    monkeypatch.setattr(stage_module, "_generate", lambda m, i, k, o: m.generate(input_ids=i, attention_mask=k, **o))
-    assert split == stage.generate(model, prompts, 6, chat=False, temperature=1.0, top_p=0.9, seed=5)
-
-
 def test_template_is_the_shared_instruction_and_cue():
     prompts = ["Q: which?\n\nText: one\n\nAnswer:", "Q: which?\n\nText: two two\n\nAnswer:"]
     assert template(prompts) == ("Q: which?\n\n", "\n\nAnswer:")
