@@ -22,7 +22,8 @@ at its defaults (a reference batch of 8, every step as in the paper), with 2 exa
 every 8th step (``reference_every=8``, timed by the mean over the steps, since a median would leave
 out the one step in eight that pays: ``--batches`` a multiple of 8 times whole periods). SSR
 trains like replay (at equal tokens a step costs what naive's does); its once-per-stage cost is writing
-and answering its synthetic examples. MagMax (``adapter=merge_final method=magmax``) trains a fresh
+and answering its synthetic examples (``ssr (samples=3)``: three inputs written from each few-shot
+context, which is prefilled once). MagMax (``adapter=merge_final method=magmax``) trains a fresh
 adapter from the base each stage (one active adapter, as naive's) and combines the stage adapters after
 it, timed here for two.
 
@@ -54,6 +55,7 @@ ALL = {
     "agem (reference_every=8)",
     "agem (reference_batch=2)",
     "ssr",
+    "ssr (samples=3)",
     "magmax (merge_final)",
 }
 
@@ -93,6 +95,7 @@ def main(argv=None) -> dict:
     from continual_ft.strategies.agem import AGEMConfig
     from continual_ft.strategies.lwf import LwFConfig
     from continual_ft.strategies.replay import draw
+    from continual_ft.strategies.ssr import SSRConfig
     from continual_ft.trainer import autocast_for, backward_step, resolve_precision
 
     wanted = ALL if args.only is None else {n.strip() for n in args.only.split(",")}
@@ -155,7 +158,7 @@ def main(argv=None) -> dict:
         opt = optimizer(model)
         for batch in warm:
             step(model, opt, batch, [])
-    ewc, agem, ssr = EWC(), AGEM(), SSR()
+    ewc, agem, ssr, ssr3 = EWC(), AGEM(), SSR(), SSR(SSRConfig(samples=3))
     agem8, agem2 = AGEM(AGEMConfig(reference_every=8)), AGEM(AGEMConfig(reference_batch=2))
     lwf, lwf_all, olora = LwF(), LwF(LwFConfig(fraction=1.0)), OLoRA()
     once = {}
@@ -163,6 +166,7 @@ def main(argv=None) -> dict:
     setup = {
         "ewc": lambda: ewc.after_stage(continued, stage(0, first)),  # the Fisher pass
         "ssr": lambda: ssr.after_stage(continued, stage(0, first)),  # write and answer examples
+        "ssr (samples=3)": lambda: ssr3.after_stage(continued, stage(0, first)),
         "lwf": lambda: lwf.before_stage(continued, stage(1, second)),  # the teacher snapshot
         "lwf (fraction=1)": lambda: lwf_all.before_stage(continued, stage(1, second)),
     }
@@ -189,6 +193,7 @@ def main(argv=None) -> dict:
         "agem (reference_every=8)": (continued, opt_continued, [agem8], "naive"),
         "agem (reference_batch=2)": (continued, opt_continued, [agem2], "naive"),
         "ssr": (continued, opt_continued, [ssr], "naive"),
+        "ssr (samples=3)": (continued, opt_continued, [ssr3], "naive"),
         "magmax (merge_final)": (merged, optimizer(merged) if merged is not None else None, [], "naive"),
     }
     names = [n for n in variants if n in wanted or any(variants[w][3] == n for w in wanted)]
@@ -258,7 +263,7 @@ def main(argv=None) -> dict:
         "timed_batches": args.batches,
         "stage_steps": args.stage_steps,
         "mean_tokens_per_batch": statistics.mean(tokens),
-        "ssr": ssr.stats() if "ssr" in names else None,
+        "ssr": {n: s.stats() for n in names for s in variants[n][2] if isinstance(s, SSR)} or None,
         "variants": rows,
     }
     print(

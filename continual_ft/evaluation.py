@@ -30,7 +30,7 @@ from continual_ft.batching import Encoder
 from continual_ft.data import Task
 from continual_ft.distributed import Dist
 from continual_ft.errors import ContinualFTError
-from continual_ft.losses import cache_kwarg, last_positions
+from continual_ft.losses import cache_kwarg, cache_of, last_positions
 
 __all__ = ["TaskScore", "evaluate_task", "normalize_answer"]
 
@@ -152,7 +152,7 @@ def _prefix_cache(model, prompts: list[tuple[int, ...]], device):
         use_cache=True,
         logits_to_keep=last_positions(1, len(shared), device),
     )
-    return (out.cache if hasattr(out, "cache") else out.past_key_values), len(shared)
+    return cache_of(out), len(shared)
 
 
 def _tree_logits(model, prompts: list[tuple[int, ...]], trie: _LabelTrie, pad_id: int, device, prefix=None, P=0):
@@ -217,7 +217,7 @@ def _decode(model, prompts: list[tuple[int, ...]], starts: list[list[int]], budg
             logits_to_keep=last_positions(1, ids.shape[1], device),
             **({cache_kwarg(model): cache} if cache is not None else {}),
         )
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache = cache_of(out)
         token = out.logits[:, -1].argmax(-1)
         for r in open_rows:
             answers[r].append(int(token[r]))

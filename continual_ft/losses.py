@@ -12,13 +12,26 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-__all__ = ["model_inputs", "cache_kwarg", "last_positions", "answer_logits", "token_loss", "mean_token_loss"]
+__all__ = [
+    "model_inputs",
+    "cache_kwarg",
+    "cache_of",
+    "last_positions",
+    "answer_logits",
+    "token_loss",
+    "mean_token_loss",
+]
 
 
 def cache_kwarg(model) -> str:
     """transformers 5.x renames ``past_key_values`` to ``cache``; use whichever the model takes."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def cache_of(outputs):
+    """The KV cache a forward with ``use_cache=True`` returned, under either name."""
+    return outputs.cache if hasattr(outputs, "cache") else outputs.past_key_values
 
 
 def last_positions(n: int, width: int, device=None) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 
 from continual_ft.batching import Encoder, collate, length_grouped_batches, to_device
 from continual_ft.data import Example
+from continual_ft.generation import sample
 from continual_ft.losses import mean_token_loss
 from continual_ft.strategies.base import StageInfo, Strategy
 
@@ -86,43 +87,46 @@ class Batches:
         seed: int = 0,
         stop: Sequence[str] = (),
         batch_size: int | None = None,
+        samples: int = 1,
     ) -> list[str]:
-        """The model's text after each prompt (self-synthesized rehearsal writes examples with it).
+        """The model's text after each prompt (self-synthesized rehearsal writes examples with it):
+        ``samples`` texts per prompt, in prompt order, drawn from one prefill of it.
 
         ``chat=True`` formats a prompt as training does (the chat template where the model has one);
         ``False`` feeds the text as it is (a few-shot context to continue). Greedy at ``temperature=0``,
         else sampled (nucleus ``top_p``) from a generator seeded with ``seed`` inside ``fork_rng``, so
         the run's own random state is untouched and a resumed run samples the same text. In eval mode;
         the model's mode is restored. Every process runs every prompt (no ``shard``). A row stops at
-        end of text or once its text contains one of ``stop`` (which stays in the text). ``batch_size``
-        prompts go through together (default: this object's): decoding reads every weight per token, so
-        a batch larger than training's costs little more per step.
+        end of text or once its text contains one of ``stop`` (which stays in the text), and leaves the
+        batch then (:func:`continual_ft.generation.sample`). ``batch_size`` prompts of similar length go
+        through together (default: this object's): decoding reads every weight per token, so a batch
+        larger than training's costs little more per step.
         """
         tok = self.encoder.tokenizer
         device = self.device or next(model.parameters()).device
-        sample = temperature > 0
-        options = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
-        if sample:
-            options |= {"temperature": temperature, "top_p": top_p, "top_k": 0}
-        if stop:
-            options |= {"stop_strings": list(stop), "tokenizer": tok}
+        rows = [tok(self.encoder.prompt_text(p) if chat else p, add_special_tokens=False)["input_ids"] for p in prompts]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # little padding in each batch
+        size = batch_size or self.batch_size
+        texts: list[str] = [""] * (len(rows) * samples)
         was_training = model.training
         model.eval()
-        texts = []
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.autocast():
                 torch.manual_seed(seed)
-                size = batch_size or self.batch_size
-                for start in range(0, len(prompts), size):
-                    rows = [
-                        tok(self.encoder.prompt_text(p) if chat else p, add_special_tokens=False)["input_ids"]
-                        for p in prompts[start : start + size]
-                    ]
-                    width = max(map(len, rows))
-                    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
-                    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-                    out = model.generate(input_ids=ids, attention_mask=mask, **options)
-                    texts += tok.batch_decode(out[:, width:], skip_special_tokens=True)
+                for start in range(0, len(order), size):
+                    chunk = order[start : start + size]
+                    new = sample(
+                        model,
+                        [rows[i] for i in chunk],
+                        max_new_tokens,
+                        tokenizer=tok,
+                        temperature=temperature,
+                        top_p=top_p,
+                        stop=stop,
+                        samples=samples,
+                    )
+                    for j, ids in enumerate(new):
+                        texts[chunk[j // samples] * samples + j % samples] = tok.decode(ids, skip_special_tokens=True)
         finally:
             model.train(was_training)
         return texts

@@ -42,6 +42,10 @@ class SSRConfig:
     oversample: float = field(
         default=1.5, metadata={"help": "inputs generated per kept example (the filter drops some), >= 1"}
     )
+    samples: int = field(
+        default=1,
+        metadata={"help": "inputs written from each few-shot context, sharing its prefill (1: new demos per input)"},
+    )
     max_new_tokens: int = field(default=64, metadata={"help": "longest generated input, in tokens"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for the inputs, > 0"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass for the inputs, in (0, 1]"})
@@ -57,7 +61,7 @@ class SSRConfig:
     seed: int = field(default=0, metadata={"help": "seed for the demonstrations, the sampling and the draw"})
 
     def __post_init__(self):
-        for name in ("per_task", "demos", "shots", "max_new_tokens", "batch_size"):
+        for name in ("per_task", "demos", "shots", "samples", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ContinualFTError(f"ssr.{name} must be >= 1, got {getattr(self, name)}")
         if self.shots > self.demos:
@@ -106,7 +110,8 @@ class SSR(Strategy):
 
     1. keep ``demos`` of its training examples D_t (covering as many answers as possible);
     2. **inputs**: the base model (adapters disabled) continues a few-shot context of ``shots`` of them,
-       shuffled per sample, and writes a new input x̃ (temperature / top-p sampling), opened with what
+       shuffled per context, and writes ``samples`` new inputs x̃ from each context (temperature / top-p
+       sampling; ``per_task · oversample`` in all, the context's prefill shared), opened with what
        every demonstration's input opens with and ended at the next example (or blank line, for
        single-paragraph inputs); the task's shared instruction and answer cue (:func:`template`) wrap it;
     3. **outputs**: the model just trained on t answers each x̃ greedily, ỹ = argmax p_θt(y | x̃), as it
@@ -172,7 +177,7 @@ class SSR(Strategy):
         ends = [MARK] + ([] if any("\n\n" in b for b in bodies) else ["\n\n"])
         rng = self._rng(f"shots:{task}", stage)
         contexts = []
-        for _ in range(math.ceil(c.per_task * c.oversample)):
+        for _ in range(math.ceil(math.ceil(c.per_task * c.oversample) / c.samples)):
             shots = rng.sample(bodies, min(c.shots, len(bodies)))
             shown = "".join(f"{MARK} {i}\n{b}\n\n" for i, b in enumerate(shots, 1))
             contexts.append(f"{head}{shown}{MARK} {len(shots) + 1}\n{lead}")
@@ -189,6 +194,7 @@ class SSR(Strategy):
                 seed=_seed(c.seed, stage.index, task),
                 stop=ends,
                 batch_size=c.batch_size,
+                samples=c.samples,
             )
         self.generated += len(written)
         seen = set(bodies)

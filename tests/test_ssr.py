@@ -34,6 +34,62 @@ def test_generate_greedy_matches_unpadded_decoding(tiny_model_and_tokenizer):
     assert got == [_greedy(model, tokenizer, p, 6) for p in prompts]
 
 
+def _greedy_ids(model, tokenizer, text: str, n: int) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text + _greedy(model, tokenizer, text, n), add_special_tokens=False)["input_ids"][len(ids) :]
+
+
+def _batch_sizes(model) -> tuple[list[int], object]:
+    """The number of rows of every forward through ``model``'s decoder, and the hook's handle."""
+    sizes = []
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hook = base.model.register_forward_pre_hook(
+        lambda m, a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    return sizes, hook
+
+
+def test_generate_keeps_prompt_order_across_length_sorted_batches(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    stage = make_stage(model, tokenizer, 0, make_examples("a", 4), batch_size=2)
+    prompts = ["a much longer prompt than the others, so it sorts last", "short", "mid length text", "tiny"]
+    assert stage.generate(model, prompts, 5, chat=False) == [_greedy(model, tokenizer, p, 5) for p in prompts]
+
+
+def test_a_row_that_meets_a_stop_string_leaves_the_batch(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    stage = make_stage(model, tokenizer, 0, make_examples("a", 4), batch_size=2)
+    prompts, n = ["one two three", "four five six"], 8
+    full = [_greedy(model, tokenizer, p, n) for p in prompts]
+    first = _greedy_ids(model, tokenizer, prompts[0], n)
+    # Row 0's first three new tokens as the stop string: it stops after its third, row 1 never meets it.
+    k, stop = 2, tokenizer.decode(first[:3])
+    assert stop not in tokenizer.decode(first[:2]) and stop not in full[1]
+    sizes, hook = _batch_sizes(model)
+    try:
+        got = stage.generate(model, prompts, n, chat=False, stop=[stop])
+    finally:
+        hook.remove()
+    assert got == [tokenizer.decode(first[: k + 1], skip_special_tokens=True), full[1]]
+    assert sizes[: k + 1] == [2] * (k + 1) and set(sizes[k + 1 :]) == {1}  # prefill and k steps with both rows
+
+
+def test_samples_share_one_prefill_per_prompt(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    stage = make_stage(model, tokenizer, 0, make_examples("a", 4), batch_size=4)
+    prompts = ["one two three", "a longer second prompt"]
+    sizes, hook = _batch_sizes(model)
+    try:
+        # A nucleus this small keeps only the most likely token: every sample is the greedy text.
+        narrow = stage.generate(model, prompts, 4, chat=False, temperature=1.0, top_p=1e-6, samples=3)
+    finally:
+        hook.remove()
+    assert sizes == [2, 6, 6, 6]
+    assert narrow == [_greedy(model, tokenizer, p, 4) for p in prompts for _ in range(3)]
+    wide = stage.generate(model, prompts, 4, chat=False, temperature=1.0, samples=3, seed=3)
+    assert len(wide) == 6 and len(set(wide[:3])) > 1  # independent draws from the one prefill
+
+
 def test_generate_samples_by_seed_and_leaves_the_run_alone(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     stage = make_stage(model, tokenizer, 0, make_examples("a", 4))
@@ -63,7 +119,7 @@ class Scripted:
     def __call__(self, model, prompts, max_new_tokens, *, chat=True, **kw):
         self.calls.append((list(prompts), chat, kw))
         if not chat:
-            return self.inputs[: len(prompts)]
+            return self.inputs[: len(prompts) * kw.get("samples", 1)]
         return [self.answers.get(p, self.default) for p in prompts]
 
 
@@ -123,6 +179,16 @@ def test_ssr_keeps_demos_and_filtered_synthetic_examples():
     assert len([p for p in stored if p in real]) == 4
 
 
+def test_ssr_writes_several_inputs_per_context():
+    inputs = [f" synthetic {i}" for i in range(12)]
+    generate = Scripted(inputs, {}, default="red")
+    ssr = SSR(SSRConfig(per_task=10, demos=4, shots=2, oversample=1.2, samples=3))
+    ssr.after_stage(None, _stage(0, _colors(20), generate))
+    (contexts, _, kw), (questions, _, _) = generate.calls
+    assert len(contexts) == 4 and kw["samples"] == 3  # 12 inputs to write, three from each context
+    assert len(questions) == 12 and len(ssr.synthetic["colors"]) == 10 and ssr.generated == 12
+
+
 def test_ssr_mixes_synthetic_examples_of_earlier_tasks_only():
     ssr = SSR(SSRConfig(ratio=0.5, per_task=50, demos=2, shots=1, oversample=1.0))
     inputs = [f" synthetic {i}" for i in range(50)]
@@ -176,6 +242,7 @@ def test_ssr_on_the_tiny_model_writes_examples_with_the_tasks_template(tiny_mode
         ({"temperature": 0.0}, r"ssr\.temperature must be > 0"),
         ({"per_task": 0}, r"ssr\.per_task must be >= 1"),
         ({"oversample": 0.5}, r"ssr\.oversample must be >= 1"),
+        ({"samples": 0}, r"ssr\.samples must be >= 1"),
     ],
 )
 def test_bad_ssr_settings_fail_in_one_line(args, match):

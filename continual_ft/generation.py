@@ -1,0 +1,107 @@
+"""Batched sampling for strategies that write text (self-synthesized rehearsal): rows leave the batch when
+they finish, and several samples of one prompt share its prefill.
+
+HF ``generate`` steps every row of a batch until the last one stops. SSR's written inputs average 19 to
+32 tokens of their 64-token budget, yet one long row in 64 keeps the whole batch stepping to 64, so
+most of its decode computed rows that were already done. Here a row that reaches end of text or one
+of the stop strings is dropped from the batch and from the KV cache (``Cache.batch_select_indices``),
+and ``samples`` continuations of a prompt are drawn from one prefill whose cache is repeated
+(``Cache.batch_repeat_interleave``). Each step is the usual decoding rule: greedy at ``temperature=0``,
+else temperature, then nucleus (top-p, HF's ``TopPLogitsWarper``), then a draw from torch's generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers.generation.logits_process import TopPLogitsWarper
+
+from continual_ft.losses import cache_kwarg, cache_of, last_positions
+
+__all__ = ["end_ids", "sample"]
+
+
+def end_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a text: the model's generation config's end of sequence (the chat turn's end
+    for an instruct model) and the tokenizer's."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids]) | {tokenizer.eos_token_id}
+    return {int(i) for i in ids if i is not None}
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    tokenizer,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] = (),
+    samples: int = 1,
+) -> list[list[int]]:
+    """New tokens after each prompt (token ids), ``samples`` rows per prompt in prompt order.
+
+    A row ends at one of :func:`end_ids` (not returned) or once its decoded text contains one of
+    ``stop`` (kept), or after ``max_new_tokens``. Prompts are left-padded; positions count real tokens.
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position,
+        use_cache=True,
+        logits_to_keep=last_positions(1, width, device),
+    )
+    cache, logits = cache_of(out), out.logits[:, -1]
+    if samples > 1:
+        cache.batch_repeat_interleave(samples)
+        logits, mask, position = (t.repeat_interleave(samples, 0) for t in (logits, mask, position))
+    ends, nucleus = end_ids(model, tokenizer), TopPLogitsWarper(top_p) if top_p < 1 else None
+    texts: list[list[int]] = [[] for _ in range(len(prompts) * samples)]
+    rows = list(range(len(texts)))  # the rows still in the batch, as indices into texts
+    for step in range(max_new_tokens):
+        token = _pick(logits.float(), temperature, nucleus)
+        keep = []
+        for i, (row, t) in enumerate(zip(rows, token.tolist())):
+            if t in ends:
+                continue
+            texts[row].append(t)
+            if not any(s in tokenizer.decode(texts[row], skip_special_tokens=True) for s in stop):
+                keep.append(i)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            token, mask, position = token[index], mask[index], position[index]
+            rows = [rows[i] for i in keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        position = position[:, -1:] + 1
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=position,
+            use_cache=True,
+            **{cache_kwarg(model): cache},
+        )
+        cache, logits = cache_of(out), out.logits[:, -1]
+    return texts
+
+
+def _pick(logits: torch.Tensor, temperature: float, nucleus: TopPLogitsWarper | None) -> torch.Tensor:
+    """The next token of each row: the argmax at temperature 0, else a draw from the tempered nucleus."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if nucleus is not None:
+        logits = nucleus(None, logits)
+    return torch.multinomial(torch.softmax(logits, -1), 1).squeeze(1)
