@@ -5,13 +5,15 @@ HF ``generate`` steps every row of a batch until the last one stops. SSR's writt
 32 tokens of their 64-token budget, yet one long row in 64 keeps the whole batch stepping to 64, so
 most of its decode computed rows that were already done. Here a row that reaches end of text or one
 of the stop strings is dropped from the batch and from the KV cache (``Cache.batch_select_indices``),
-and ``samples`` continuations of a prompt are drawn from one prefill whose cache is repeated
+the tokens every prompt of a batch starts with (the chat template, a task's instruction) are prefilled
+once, and ``samples`` continuations of a prompt are drawn from one prefill whose cache is repeated
 (``Cache.batch_repeat_interleave``). Each step is the usual decoding rule: greedy at ``temperature=0``,
 else temperature, then nucleus (top-p, HF's ``TopPLogitsWarper``), then a draw from torch's generator.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -46,20 +48,24 @@ def sample(
     """New tokens after each prompt (token ids), ``samples`` rows per prompt in prompt order.
 
     A row ends at one of :func:`end_ids` (not returned) or once its decoded text contains one of
-    ``stop`` (kept), or after ``max_new_tokens``. Prompts are left-padded; positions count real tokens.
+    ``stop`` (kept), or after ``max_new_tokens``. The prompts' common first tokens are prefilled once
+    (:func:`_shared_prefix`), the rest left-padded after them; positions count real tokens.
     """
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache, shared = _shared_prefix(model, prompts, device)
+    rest = [list(p[shared:]) for p in prompts]
+    width, pad = max(len(r) for r in rest), tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rest], device=device)
+    real = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=device)
+    mask = torch.cat([real.new_ones(len(rest), shared), real], 1)  # the shared tokens, then the padded rest
+    position = shared + (real.cumsum(-1) - 1).clamp(min=0)
     out = model(
         input_ids=ids,
         attention_mask=mask,
         position_ids=position,
         use_cache=True,
         logits_to_keep=last_positions(1, width, device),
+        **({cache_kwarg(model): cache} if cache is not None else {}),
     )
     cache, logits = cache_of(out), out.logits[:, -1]
     if samples > 1:
@@ -95,6 +101,24 @@ def sample(
         )
         cache, logits = cache_of(out), out.logits[:, -1]
     return texts
+
+
+def _shared_prefix(model, prompts: Sequence[Sequence[int]], device):
+    """The KV cache of the tokens every prompt starts with (an instruction, a chat template), computed
+    once and repeated for each prompt, and their number; ``(None, 0)`` when they share none. At least
+    one token of each prompt is left for the batched prefill."""
+    shared = os.path.commonprefix([list(p) for p in prompts])[: min(len(p) for p in prompts) - 1]
+    if len(prompts) < 2 or not shared:
+        return None, 0
+    out = model(
+        input_ids=torch.tensor([shared], device=device),
+        position_ids=torch.arange(len(shared), device=device)[None],
+        use_cache=True,
+        logits_to_keep=last_positions(1, len(shared), device),
+    )
+    cache = cache_of(out)
+    cache.batch_repeat_interleave(len(prompts))
+    return cache, len(shared)
 
 
 def _pick(logits: torch.Tensor, temperature: float, nucleus: TopPLogitsWarper | None) -> torch.Tensor:

@@ -74,17 +74,31 @@ def test_a_row_that_meets_a_stop_string_leaves_the_batch(tiny_model_and_tokenize
     assert sizes[: k + 1] == [2] * (k + 1) and set(sizes[k + 1 :]) == {1}  # prefill and k steps with both rows
 
 
+def test_the_prompts_shared_start_is_prefilled_once(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    stage = make_stage(model, tokenizer, 0, make_examples("a", 4), batch_size=3)
+    head = "Which license is this? Answer with its name.\n\nText: "
+    prompts = [head + "permission is granted", head + "GPL", head + "all rights reserved, no warranty"]
+    sizes, hook = _batch_sizes(model)
+    try:
+        got = stage.generate(model, prompts, 5, chat=False)
+    finally:
+        hook.remove()
+    assert got == [_greedy(model, tokenizer, p, 5) for p in prompts]
+    assert sizes[:2] == [1, 3]  # the shared start once, then the rest of every prompt after it
+
+
 def test_samples_share_one_prefill_per_prompt(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     stage = make_stage(model, tokenizer, 0, make_examples("a", 4), batch_size=4)
-    prompts = ["one two three", "a longer second prompt"]
+    prompts = ["one two three", "one two, then a longer second prompt"]
     sizes, hook = _batch_sizes(model)
     try:
         # A nucleus this small keeps only the most likely token: every sample is the greedy text.
         narrow = stage.generate(model, prompts, 4, chat=False, temperature=1.0, top_p=1e-6, samples=3)
     finally:
         hook.remove()
-    assert sizes == [2, 6, 6, 6]
+    assert sizes == [1, 2, 6, 6, 6]  # the shared start, the prompts, then three rows per prompt
     assert narrow == [_greedy(model, tokenizer, p, 4) for p in prompts for _ in range(3)]
     wide = stage.generate(model, prompts, 4, chat=False, temperature=1.0, samples=3, seed=3)
     assert len(wide) == 6 and len(set(wide[:3])) > 1  # independent draws from the one prefill
