@@ -19,7 +19,6 @@ cannot change whether it matches (a newline ended its first line, or no label st
 from __future__ import annotations
 
 import copy
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from continual_ft.batching import Encoder
 from continual_ft.data import Task
 from continual_ft.distributed import Dist
 from continual_ft.errors import ContinualFTError
+from continual_ft.generation import prefix_cache
 from continual_ft.losses import cache_kwarg, cache_of, last_positions
 
 __all__ = ["TaskScore", "evaluate_task", "normalize_answer"]
@@ -138,21 +138,6 @@ def _left_pad(seqs: list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, t
         ids[row, width - len(s) :] = torch.tensor(s)
         mask[row, width - len(s) :] = 1
     return ids, mask
-
-
-def _prefix_cache(model, prompts: list[tuple[int, ...]], device):
-    """The KV cache of the tokens every prompt starts with (chat template, instruction, options), computed
-    once, and their number; ``(None, 0)`` when they share nothing. At least one token of each prompt is left."""
-    shared = os.path.commonprefix(prompts)[: min(len(p) for p in prompts) - 1]
-    if not shared:
-        return None, 0
-    out = model(
-        input_ids=torch.tensor([shared], device=device),
-        position_ids=torch.arange(len(shared), device=device)[None],
-        use_cache=True,
-        logits_to_keep=last_positions(1, len(shared), device),
-    )
-    return cache_of(out), len(shared)
 
 
 def _tree_logits(model, prompts: list[tuple[int, ...]], trie: _LabelTrie, pad_id: int, device, prefix=None, P=0):
@@ -267,7 +252,7 @@ def _predict(model, encoder: Encoder, task: Task, order: list[int], batch_size: 
     if not order:
         return scores, answers, 0
     with autocast():
-        prefix, P = _prefix_cache(model, [prompts[i] for i in order], device)
+        prefix, P = prefix_cache(model, [prompts[i] for i in order], device)
     tokens = 0
     for idx in _batches(order, [len(p) - P for p in prompts], len(trie), batch_size):
         with autocast():

@@ -21,7 +21,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from continual_ft.losses import cache_kwarg, cache_of, last_positions
 
-__all__ = ["end_ids", "sample"]
+__all__ = ["end_ids", "prefix_cache", "sample"]
 
 
 def end_ids(model, tokenizer) -> set[int]:
@@ -49,10 +49,12 @@ def sample(
 
     A row ends at one of :func:`end_ids` (not returned) or once its decoded text contains one of
     ``stop`` (kept), or after ``max_new_tokens``. The prompts' common first tokens are prefilled once
-    (:func:`_shared_prefix`), the rest left-padded after them; positions count real tokens.
+    (:func:`prefix_cache`), the rest left-padded after them; positions count real tokens.
     """
     device = next(model.parameters()).device
-    cache, shared = _shared_prefix(model, prompts, device)
+    cache, shared = prefix_cache(model, prompts, device) if len(prompts) > 1 else (None, 0)
+    if cache is not None:
+        cache.batch_repeat_interleave(len(prompts))
     rest = [list(p[shared:]) for p in prompts]
     width, pad = max(len(r) for r in rest), tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rest], device=device)
@@ -103,12 +105,12 @@ def sample(
     return texts
 
 
-def _shared_prefix(model, prompts: Sequence[Sequence[int]], device):
-    """The KV cache of the tokens every prompt starts with (an instruction, a chat template), computed
-    once and repeated for each prompt, and their number; ``(None, 0)`` when they share none. At least
-    one token of each prompt is left for the batched prefill."""
-    shared = os.path.commonprefix([list(p) for p in prompts])[: min(len(p) for p in prompts) - 1]
-    if len(prompts) < 2 or not shared:
+def prefix_cache(model, prompts: Sequence[Sequence[int]], device):
+    """The KV cache of the tokens every prompt starts with (chat template, instruction, options), computed
+    once (batch of one), and their number; ``(None, 0)`` when they share nothing. At least one token of
+    each prompt is left. Evaluation scores from it; :func:`sample` repeats it for each prompt."""
+    shared = list(os.path.commonprefix(list(prompts))[: min(len(p) for p in prompts) - 1])
+    if not shared:
         return None, 0
     out = model(
         input_ids=torch.tensor([shared], device=device),
@@ -116,9 +118,7 @@ def _shared_prefix(model, prompts: Sequence[Sequence[int]], device):
         use_cache=True,
         logits_to_keep=last_positions(1, len(shared), device),
     )
-    cache = cache_of(out)
-    cache.batch_repeat_interleave(len(prompts))
-    return cache, len(shared)
+    return cache_of(out), len(shared)
 
 
 def _pick(logits: torch.Tensor, temperature: float, nucleus: TopPLogitsWarper | None) -> torch.Tensor:
