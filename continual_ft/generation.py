@@ -8,7 +8,8 @@ of the stop strings is dropped from the batch and from the KV cache (``Cache.bat
 the tokens every prompt of a batch starts with (the chat template, a task's instruction) are prefilled
 once, and ``samples`` continuations of a prompt are drawn from one prefill whose cache is repeated
 (``Cache.batch_repeat_interleave``). Each step is the usual decoding rule: greedy at ``temperature=0``,
-else temperature, then nucleus (top-p, HF's ``TopPLogitsWarper``), then a draw from torch's generator.
+else temperature, then nucleus (top-p, HF's ``TopPLogitsWarper`` rule: :func:`nucleus`), then a draw from
+torch's generator.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import os
 from collections.abc import Sequence
 
 import torch
-from transformers.generation.logits_process import TopPLogitsWarper
 
 from continual_ft.losses import cache_kwarg, cache_of, last_positions
 
-__all__ = ["end_ids", "prefix_cache", "sample"]
+__all__ = ["end_ids", "nucleus", "prefix_cache", "sample"]
 
 
 def end_ids(model, tokenizer) -> set[int]:
@@ -73,11 +73,11 @@ def sample(
     if samples > 1:
         cache.batch_repeat_interleave(samples)
         logits, mask, position = (t.repeat_interleave(samples, 0) for t in (logits, mask, position))
-    ends, nucleus = end_ids(model, tokenizer), TopPLogitsWarper(top_p) if top_p < 1 else None
+    ends = end_ids(model, tokenizer)
     texts: list[list[int]] = [[] for _ in range(len(prompts) * samples)]
     rows = list(range(len(texts)))  # the rows still in the batch, as indices into texts
     for step in range(max_new_tokens):
-        token = _pick(logits.float(), temperature, nucleus)
+        token = _pick(logits.float(), temperature, top_p)
         keep = []
         for i, (row, t) in enumerate(zip(rows, token.tolist())):
             if t in ends:
@@ -121,11 +121,32 @@ def prefix_cache(model, prompts: Sequence[Sequence[int]], device):
     return cache_of(out), len(shared)
 
 
-def _pick(logits: torch.Tensor, temperature: float, nucleus: TopPLogitsWarper | None) -> torch.Tensor:
+def _pick(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """The next token of each row: the argmax at temperature 0, else a draw from the tempered nucleus."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / temperature
-    if nucleus is not None:
-        logits = nucleus(None, logits)
-    return torch.multinomial(torch.softmax(logits, -1), 1).squeeze(1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p >= 1:
+        return torch.multinomial(probs, 1).squeeze(1)
+    top, ids = nucleus(probs, top_p)
+    return ids.gather(-1, torch.multinomial(top, 1)).squeeze(1)
+
+
+def nucleus(probs: torch.Tensor, top_p: float, k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p filtering as HF's ``TopPLogitsWarper``: a token stays when the tokens more probable than it
+    hold less than ``top_p`` of the mass (so the most probable always stays). Returns the kept
+    probabilities (0 for the dropped, not renormalised) and their token ids, most probable first.
+
+    The candidates are the ``k`` most probable, k growing fourfold until the first left out is dropped
+    in every row: sorting the whole vocabulary (49k tokens for SmolLM2) every step, as the warper does,
+    was 15% of SSR's writing.
+    """
+    vocab = probs.shape[-1]
+    while True:
+        k = min(k, vocab)
+        top, ids = probs.topk(k, -1)
+        if k == vocab or bool((top.sum(-1) >= top_p).all()):
+            break
+        k *= 4
+    before = top.cumsum(-1) - top  # the mass of the more probable candidates
+    return top.masked_fill(before >= top_p, 0.0), ids

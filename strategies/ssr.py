@@ -40,7 +40,8 @@ class SSRConfig:
     demos: int = field(default=8, metadata={"help": "real examples kept per task, as demonstrations"})
     shots: int = field(default=3, metadata={"help": "demonstrations in each generation prompt (<= demos)"})
     oversample: float = field(
-        default=1.5, metadata={"help": "inputs generated per kept example (the filter drops some), >= 1"}
+        default=1.5,
+        metadata={"help": "inputs written per kept example at most (the filter drops some; written in rounds), >= 1"},
     )
     samples: int = field(
         default=1,
@@ -111,13 +112,16 @@ class SSR(Strategy):
     1. keep ``demos`` of its training examples D_t (covering as many answers as possible);
     2. **inputs**: the base model (adapters disabled) continues a few-shot context of ``shots`` of them,
        shuffled per context, and writes ``samples`` new inputs x̃ from each context (temperature / top-p
-       sampling; ``per_task · oversample`` in all, the context's prefill shared), opened with what
+       sampling, the context's prefill shared), opened with what
        every demonstration's input opens with and ended at the next example (or blank line, for
        single-paragraph inputs); the task's shared instruction and answer cue (:func:`template`) wrap it;
     3. **outputs**: the model just trained on t answers each x̃ greedily, ỹ = argmax p_θt(y | x̃), as it
        answers at evaluation;
     4. **selection**: drop empty and repeated inputs, copies of a demonstration, and (``known_answers``)
        answers that no example in D_t has; keep ``per_task``.
+
+    Steps 2–4 run in rounds: ``per_task`` inputs first, then the shortfall divided by the share kept
+    so far, until ``per_task`` are kept or ``per_task · oversample`` inputs are written.
 
     Stage k then trains on its own n examples plus m = round(ratio / (1 − ratio) · n) drawn from the
     synthetic examples of every earlier task, as :class:`Replay` draws its buffer. A task that comes
@@ -175,46 +179,58 @@ class SSR(Strategy):
         lead = os.path.commonprefix(bodies)
         lead = lead[: lead.rfind(" ") + 1].rstrip()  # "Diagnosis:": the model writes the space with its next word
         ends = [MARK] + ([] if any("\n\n" in b for b in bodies) else ["\n\n"])
-        rng = self._rng(f"shots:{task}", stage)
-        contexts = []
-        for _ in range(math.ceil(math.ceil(c.per_task * c.oversample) / c.samples)):
-            shots = rng.sample(bodies, min(c.shots, len(bodies)))
-            shown = "".join(f"{MARK} {i}\n{b}\n\n" for i, b in enumerate(shots, 1))
-            contexts.append(f"{head}{shown}{MARK} {len(shots) + 1}\n{lead}")
-        # The base model writes the inputs (PEFT's disable_adapter; a model without adapters is its own base).
-        base = model.disable_adapter() if c.base_inputs and hasattr(model, "disable_adapter") else nullcontext()
-        with base:
-            written = stage.generate(
-                model,
-                contexts,
-                c.max_new_tokens,
-                chat=False,
-                temperature=c.temperature,
-                top_p=c.top_p,
-                seed=_seed(c.seed, stage.index, task),
-                stop=ends,
-                batch_size=c.batch_size,
-                samples=c.samples,
-            )
-        self.generated += len(written)
-        seen = set(bodies)
-        inputs = []
-        for text in written:
-            for end in ends:
-                text = text.split(end)[0]
-            body = (lead + text).strip()
-            if text.strip() and body not in seen:
-                seen.add(body)
-                inputs.append(head + body + tail)
         # Answers are read as evaluation reads them (first line, case and a final period ignored).
         known = {normalize_answer(e.answer): e.answer for e in own}
         longest = max(len(a) for a in known)  # in characters: at least as many tokens as the longest answer
-        answers = stage.generate(model, inputs, longest + 2, chat=True, stop=["\n"], batch_size=c.batch_size)
-        kept = []
-        for i, (x, y) in enumerate(zip(inputs, answers)):
-            answer = known.get(normalize_answer(y), None if c.known_answers else y.strip())
-            if answer:
-                kept.append(Example(task, x, answer, f"ssr:{task}:{stage.index}:{i}"))
+        rng = self._rng(f"shots:{task}", stage)
+        budget = math.ceil(c.per_task * c.oversample)
+        seen, kept, written, round_ = set(bodies), [], 0, 0
+        # In rounds until per_task are kept or the budget is written: the filter keeps most inputs, so
+        # writing and answering the whole budget at once did up to a third of the work for nothing.
+        while len(kept) < c.per_task and written < budget:
+            if not written:
+                n = c.per_task
+            elif kept:  # the shortfall over the share of the written inputs kept so far
+                n = math.ceil((c.per_task - len(kept)) * written / len(kept))
+            else:
+                n = budget
+            n = min(n, budget - written)
+            contexts = []
+            for _ in range(math.ceil(n / c.samples)):
+                shots = rng.sample(bodies, min(c.shots, len(bodies)))
+                shown = "".join(f"{MARK} {i}\n{b}\n\n" for i, b in enumerate(shots, 1))
+                contexts.append(f"{head}{shown}{MARK} {len(shots) + 1}\n{lead}")
+            # The base model writes the inputs (PEFT's disable_adapter; a model without adapters is its own base).
+            base = model.disable_adapter() if c.base_inputs and hasattr(model, "disable_adapter") else nullcontext()
+            with base:
+                texts = stage.generate(
+                    model,
+                    contexts,
+                    c.max_new_tokens,
+                    chat=False,
+                    temperature=c.temperature,
+                    top_p=c.top_p,
+                    seed=_seed(c.seed, stage.index, task if not round_ else f"{task}:{round_}"),
+                    stop=ends,
+                    batch_size=c.batch_size,
+                    samples=c.samples,
+                )
+            written += len(contexts) * c.samples
+            round_ += 1
+            inputs = []
+            for text in texts:
+                for end in ends:
+                    text = text.split(end)[0]
+                body = (lead + text).strip()
+                if text.strip() and body not in seen:
+                    seen.add(body)
+                    inputs.append(head + body + tail)
+            answers = stage.generate(model, inputs, longest + 2, chat=True, stop=["\n"], batch_size=c.batch_size)
+            for x, y in zip(inputs, answers):
+                answer = known.get(normalize_answer(y), None if c.known_answers else y.strip())
+                if answer:
+                    kept.append(Example(task, x, answer, f"ssr:{task}:{stage.index}:{len(kept)}"))
+        self.generated += written
         return kept[: c.per_task]
 
     def state_dict(self) -> dict:

@@ -8,6 +8,7 @@ from conftest import make_examples, make_stage
 
 from continual_ft.data import Example
 from continual_ft.errors import ContinualFTError
+from continual_ft.generation import nucleus
 from continual_ft.strategies import StageInfo, build
 from continual_ft.strategies.ssr import MARK, SSR, SSRConfig, template
 
@@ -104,6 +105,22 @@ def test_samples_share_one_prefill_per_prompt(tiny_model_and_tokenizer):
     assert len(wide) == 6 and len(set(wide[:3])) > 1  # independent draws from the one prefill
 
 
+@pytest.mark.parametrize("top_p", [1e-6, 0.5, 0.9, 0.95, 0.999])
+@pytest.mark.parametrize("spread", [0.5, 8.0])  # near uniform (the nucleus needs most of the vocabulary), peaked
+def test_nucleus_keeps_what_hfs_top_p_warper_keeps(top_p, spread):
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3000, dtype=torch.float64) * spread  # float64: no ties between distinct tokens
+    probs = torch.softmax(logits, -1)
+    top, ids = nucleus(probs, top_p)
+    expected = TopPLogitsWarper(top_p)(None, logits.clone()) > -float("inf")
+    got = torch.zeros_like(expected)
+    got.scatter_(-1, ids, top > 0)
+    assert torch.equal(got, expected)
+    assert torch.equal(top[top > 0], probs.gather(-1, ids)[top > 0])  # the kept tokens keep their probabilities
+
+
 def test_generate_samples_by_seed_and_leaves_the_run_alone(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     stage = make_stage(model, tokenizer, 0, make_examples("a", 4))
@@ -132,8 +149,10 @@ class Scripted:
 
     def __call__(self, model, prompts, max_new_tokens, *, chat=True, **kw):
         self.calls.append((list(prompts), chat, kw))
-        if not chat:
-            return self.inputs[: len(prompts) * kw.get("samples", 1)]
+        if not chat:  # the next inputs in the list, as many as asked for
+            n = len(prompts) * kw.get("samples", 1)
+            written, self.inputs = self.inputs[:n], self.inputs[n:]
+            return written
         return [self.answers.get(p, self.default) for p in prompts]
 
 
@@ -203,6 +222,33 @@ def test_ssr_writes_several_inputs_per_context():
     assert len(questions) == 12 and len(ssr.synthetic["colors"]) == 10 and ssr.generated == 12
 
 
+def test_ssr_writes_in_rounds_until_it_keeps_per_task():
+    # Round 1 writes per_task = 10 inputs and keeps 5 (the other 5 repeat one); round 2 writes the
+    # shortfall over the share kept, 5 / (5 / 10) = 10, and keeps 3 more; round 3 would ask for
+    # 2 / (8 / 20) = 5 but only 2 are left of the budget, ceil(10 * 2.2) = 22.
+    first = [f" a{i}" for i in range(5)] + [" a0"] * 5
+    second = [f" b{i}" for i in range(3)] + [" b0"] * 7
+    generate = Scripted(first + second + [" c0", " c1", " c2"], {}, default="red")
+    ssr = SSR(SSRConfig(per_task=10, demos=4, shots=2, oversample=2.2))
+    ssr.after_stage(None, _stage(0, _colors(20), generate))
+    writing = [(len(prompts), kw["seed"]) for prompts, chat, kw in generate.calls if not chat]
+    assert [n for n, _ in writing] == [10, 10, 2] and len({seed for _, seed in writing}) == 3
+    assert [len(prompts) for prompts, chat, _ in generate.calls if chat] == [5, 3, 2]
+    assert len(ssr.synthetic["colors"]) == 10 and ssr.generated == 22
+
+    # A filter that keeps everything: one round of per_task inputs, none of the oversampling budget.
+    generate = Scripted([f" s{i}" for i in range(30)], {}, default="blue")
+    ssr = SSR(SSRConfig(per_task=10, demos=4, shots=2, oversample=3.0))
+    ssr.after_stage(None, _stage(0, _colors(20), generate))
+    assert [len(p) for p, chat, _ in generate.calls] == [10, 10] and ssr.generated == 10
+
+    # A filter that keeps nothing: the budget is written, then it stops.
+    generate = Scripted([f" s{i}" for i in range(30)], {}, default="purple")
+    ssr = SSR(SSRConfig(per_task=10, demos=4, shots=2, oversample=1.5))
+    ssr.after_stage(None, _stage(0, _colors(20), generate))
+    assert [len(p) for p, chat, _ in generate.calls if not chat] == [10, 5] and ssr.synthetic["colors"] == []
+
+
 def test_ssr_mixes_synthetic_examples_of_earlier_tasks_only():
     ssr = SSR(SSRConfig(ratio=0.5, per_task=50, demos=2, shots=1, oversample=1.0))
     inputs = [f" synthetic {i}" for i in range(50)]
@@ -240,9 +286,10 @@ def test_ssr_on_the_tiny_model_writes_examples_with_the_tasks_template(tiny_mode
     stage = make_stage(model, tokenizer, 0, own)
     ssr = SSR(SSRConfig(per_task=6, demos=3, shots=2, max_new_tokens=10, known_answers=False))
     ssr.after_stage(model, stage)
-    assert ssr.generated == 9
     synthetic = ssr.synthetic["colors"]
     assert 0 < len(synthetic) <= 6
+    # Rounds: 6 inputs first, more only while fewer than 6 are kept, at most 6 * 1.5 in all.
+    assert 6 <= ssr.generated <= 9 and (len(synthetic) == 6 or ssr.generated == 9)
     for e in synthetic:
         assert e.task == "colors" and e.prompt.startswith(HEAD) and e.prompt.endswith(TAIL) and e.answer
         assert e.prompt not in {x.prompt for x in own}
