@@ -22,10 +22,10 @@ at its defaults (a reference batch of 8, every step as in the paper), with 2 exa
 every 8th step (``reference_every=8``, timed by the mean over the steps, since a median would leave
 out the one step in eight that pays: ``--batches`` a multiple of 8 times whole periods). SSR
 trains like replay (at equal tokens a step costs what naive's does); its once-per-stage cost is writing
-and answering its synthetic examples (``ssr (samples=3)``: three inputs written from each few-shot
-context, which is prefilled once). MagMax (``adapter=merge_final method=magmax``) trains a fresh
-adapter from the base each stage (one active adapter, as naive's) and combines the stage adapters after
-it, timed here for two.
+and answering its synthetic examples (at its default, three inputs written from each few-shot
+context, which is prefilled once; ``ssr (samples=1)``: one input per context). MagMax
+(``adapter=merge_final method=magmax``) trains a fresh adapter from the base each stage (one active
+adapter, as naive's) and combines the stage adapters after it, timed here for two.
 
     python bench/strategy_overhead.py                    # smollm2-135m, stage 2 of legal_then_medical
     python bench/strategy_overhead.py --model tiny --batches 3 --json overhead.json
@@ -55,7 +55,7 @@ ALL = {
     "agem (reference_every=8)",
     "agem (reference_batch=2)",
     "ssr",
-    "ssr (samples=3)",
+    "ssr (samples=1)",
     "magmax (merge_final)",
 }
 
@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
         opt = optimizer(model)
         for batch in warm:
             step(model, opt, batch, [])
-    ewc, agem, ssr, ssr3 = EWC(), AGEM(), SSR(), SSR(SSRConfig(samples=3))
+    ewc, agem, ssr, ssr1 = EWC(), AGEM(), SSR(), SSR(SSRConfig(samples=1))
     agem8, agem2 = AGEM(AGEMConfig(reference_every=8)), AGEM(AGEMConfig(reference_batch=2))
     lwf, lwf_all, olora = LwF(), LwF(LwFConfig(fraction=1.0)), OLoRA()
     once = {}
@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
     setup = {
         "ewc": lambda: ewc.after_stage(continued, stage(0, first)),  # the Fisher pass
         "ssr": lambda: ssr.after_stage(continued, stage(0, first)),  # write and answer examples
-        "ssr (samples=3)": lambda: ssr3.after_stage(continued, stage(0, first)),
+        "ssr (samples=1)": lambda: ssr1.after_stage(continued, stage(0, first)),
         "lwf": lambda: lwf.before_stage(continued, stage(1, second)),  # the teacher snapshot
         "lwf (fraction=1)": lambda: lwf_all.before_stage(continued, stage(1, second)),
     }
@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
         "agem (reference_every=8)": (continued, opt_continued, [agem8], "naive"),
         "agem (reference_batch=2)": (continued, opt_continued, [agem2], "naive"),
         "ssr": (continued, opt_continued, [ssr], "naive"),
-        "ssr (samples=3)": (continued, opt_continued, [ssr3], "naive"),
+        "ssr (samples=1)": (continued, opt_continued, [ssr1], "naive"),
         "magmax (merge_final)": (merged, optimizer(merged) if merged is not None else None, [], "naive"),
     }
     names = [n for n in variants if n in wanted or any(variants[w][3] == n for w in wanted)]

@@ -44,7 +44,7 @@ class SSRConfig:
         metadata={"help": "inputs written per kept example at most (the filter drops some; written in rounds), >= 1"},
     )
     samples: int = field(
-        default=1,
+        default=3,
         metadata={"help": "inputs written from each few-shot context, sharing its prefill (1: new demos per input)"},
     )
     max_new_tokens: int = field(default=64, metadata={"help": "longest generated input, in tokens"})

@@ -187,7 +187,7 @@ def test_ssr_keeps_demos_and_filtered_synthetic_examples():
         f"{HEAD}Text: new three{TAIL}": "purple",
     }
     generate = Scripted(written, answers)
-    ssr = SSR(SSRConfig(per_task=10, demos=4, shots=2, oversample=1.0))
+    ssr = SSR(SSRConfig(per_task=10, demos=4, shots=2, oversample=1.0, samples=1))
     ssr.after_stage(None, _stage(0, own, generate))
 
     assert len(ssr.demos["colors"]) == 4 and set(ssr.demos["colors"]) <= set(own)
@@ -229,7 +229,7 @@ def test_ssr_writes_in_rounds_until_it_keeps_per_task():
     first = [f" a{i}" for i in range(5)] + [" a0"] * 5
     second = [f" b{i}" for i in range(3)] + [" b0"] * 7
     generate = Scripted(first + second + [" c0", " c1", " c2"], {}, default="red")
-    ssr = SSR(SSRConfig(per_task=10, demos=4, shots=2, oversample=2.2))
+    ssr = SSR(SSRConfig(per_task=10, demos=4, shots=2, oversample=2.2, samples=1))
     ssr.after_stage(None, _stage(0, _colors(20), generate))
     writing = [(len(prompts), kw["seed"]) for prompts, chat, kw in generate.calls if not chat]
     assert [n for n, _ in writing] == [10, 10, 2] and len({seed for _, seed in writing}) == 3
@@ -238,13 +238,13 @@ def test_ssr_writes_in_rounds_until_it_keeps_per_task():
 
     # A filter that keeps everything: one round of per_task inputs, none of the oversampling budget.
     generate = Scripted([f" s{i}" for i in range(30)], {}, default="blue")
-    ssr = SSR(SSRConfig(per_task=10, demos=4, shots=2, oversample=3.0))
+    ssr = SSR(SSRConfig(per_task=10, demos=4, shots=2, oversample=3.0, samples=1))
     ssr.after_stage(None, _stage(0, _colors(20), generate))
     assert [len(p) for p, chat, _ in generate.calls] == [10, 10] and ssr.generated == 10
 
     # A filter that keeps nothing: the budget is written, then it stops.
     generate = Scripted([f" s{i}" for i in range(30)], {}, default="purple")
-    ssr = SSR(SSRConfig(per_task=10, demos=4, shots=2, oversample=1.5))
+    ssr = SSR(SSRConfig(per_task=10, demos=4, shots=2, oversample=1.5, samples=1))
     ssr.after_stage(None, _stage(0, _colors(20), generate))
     assert [len(p) for p, chat, _ in generate.calls if not chat] == [10, 5] and ssr.synthetic["colors"] == []
 
