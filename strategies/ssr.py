@@ -106,6 +106,52 @@ def _pick_demos(examples: list[Example], k: int, rng: random.Random) -> list[Exa
     return picked
 
 
+@dataclass
+class _Slot:
+    """How a task's inputs sit in its prompts, and the few-shot contexts that ask for new ones.
+
+    ``head`` and ``tail`` are the instruction and answer cue every prompt shares (:func:`template`),
+    ``bodies`` the demonstrations' inputs between them. ``lead``, what every body opens with
+    ("Diagnosis:"), opens the slot the model writes in, so it writes in that format; ``ends`` stop the
+    writing where the model opens the next example, or at a blank line for single-paragraph inputs (where
+    a small model otherwise goes on writing unrelated text).
+    """
+
+    head: str
+    tail: str
+    bodies: list[str]
+    lead: str
+    ends: list[str]
+
+    @classmethod
+    def of(cls, own: list[Example], demos: list[Example]) -> _Slot:
+        head, tail = template([e.prompt for e in own])
+        bodies = [e.prompt[len(head) : len(e.prompt) - len(tail)].strip() for e in demos]
+        lead = os.path.commonprefix(bodies)
+        lead = lead[: lead.rfind(" ") + 1].rstrip()  # "Diagnosis:": the model writes the space with its next word
+        ends = [MARK] + ([] if any("\n\n" in b for b in bodies) else ["\n\n"])
+        return cls(head, tail, bodies, lead, ends)
+
+    def context(self, rng: random.Random, shots: int) -> str:
+        """The instruction, ``shots`` demonstrations in random order, numbered, then the open slot."""
+        picked = rng.sample(self.bodies, min(shots, len(self.bodies)))
+        shown = "".join(f"{MARK} {i}\n{b}\n\n" for i, b in enumerate(picked, 1))
+        return f"{self.head}{shown}{MARK} {len(picked) + 1}\n{self.lead}"
+
+    def new_inputs(self, texts: list[str], seen: set[str]) -> list[str]:
+        """Written texts cut at their end and wrapped as prompts, without empty ones and without any in
+        ``seen`` (the demonstrations, earlier inputs), which they are added to."""
+        inputs = []
+        for text in texts:
+            for end in self.ends:
+                text = text.split(end)[0]
+            body = (self.lead + text).strip()
+            if text.strip() and body not in seen:
+                seen.add(body)
+                inputs.append(self.head + body + self.tail)
+        return inputs
+
+
 class SSR(Strategy):
     """Rehearse earlier tasks on examples the model synthesised. After the stage of task t:
 
@@ -170,21 +216,11 @@ class SSR(Strategy):
         self.seconds += time.perf_counter() - start
 
     def _synthesise(self, model: nn.Module, stage: StageInfo, task: str, own: list[Example]) -> list[Example]:
-        c, demos = self.config, self.demos[task]
-        head, tail = template([e.prompt for e in own])
-        bodies = [e.prompt[len(head) : len(e.prompt) - len(tail)].strip() for e in demos]
-        # What every demonstration's input opens with ("Diagnosis: ") starts the open slot, so the model
-        # writes in that format; single-paragraph inputs end at the first blank line (where a small model
-        # otherwise goes on writing unrelated text).
-        lead = os.path.commonprefix(bodies)
-        lead = lead[: lead.rfind(" ") + 1].rstrip()  # "Diagnosis:": the model writes the space with its next word
-        ends = [MARK] + ([] if any("\n\n" in b for b in bodies) else ["\n\n"])
-        # Answers are read as evaluation reads them (first line, case and a final period ignored).
-        known = {normalize_answer(e.answer): e.answer for e in own}
-        longest = max(len(a) for a in known)  # in characters: at least as many tokens as the longest answer
+        c = self.config
+        slot = _Slot.of(own, self.demos[task])
         rng = self._rng(f"shots:{task}", stage)
         budget = math.ceil(c.per_task * c.oversample)
-        seen, kept, written, round_ = set(bodies), [], 0, 0
+        seen, kept, written, round_ = set(slot.bodies), [], 0, 0
         # In rounds until per_task are kept or the budget is written: the filter keeps most inputs, so
         # writing and answering the whole budget at once did up to a third of the work for nothing.
         while len(kept) < c.per_task and written < budget:
@@ -194,44 +230,48 @@ class SSR(Strategy):
                 n = math.ceil((c.per_task - len(kept)) * written / len(kept))
             else:
                 n = budget
-            n = min(n, budget - written)
-            contexts = []
-            for _ in range(math.ceil(n / c.samples)):
-                shots = rng.sample(bodies, min(c.shots, len(bodies)))
-                shown = "".join(f"{MARK} {i}\n{b}\n\n" for i, b in enumerate(shots, 1))
-                contexts.append(f"{head}{shown}{MARK} {len(shots) + 1}\n{lead}")
-            # The base model writes the inputs (PEFT's disable_adapter; a model without adapters is its own base).
-            base = model.disable_adapter() if c.base_inputs and hasattr(model, "disable_adapter") else nullcontext()
-            with base:
-                texts = stage.generate(
-                    model,
-                    contexts,
-                    c.max_new_tokens,
-                    chat=False,
-                    temperature=c.temperature,
-                    top_p=c.top_p,
-                    seed=_seed(c.seed, stage.index, task if not round_ else f"{task}:{round_}"),
-                    stop=ends,
-                    batch_size=c.batch_size,
-                    samples=c.samples,
-                )
+            contexts = [slot.context(rng, c.shots) for _ in range(math.ceil(min(n, budget - written) / c.samples))]
+            seed = _seed(c.seed, stage.index, task if not round_ else f"{task}:{round_}")
+            texts = self._write(model, stage, contexts, slot.ends, seed)
             written += len(contexts) * c.samples
             round_ += 1
-            inputs = []
-            for text in texts:
-                for end in ends:
-                    text = text.split(end)[0]
-                body = (lead + text).strip()
-                if text.strip() and body not in seen:
-                    seen.add(body)
-                    inputs.append(head + body + tail)
-            answers = stage.generate(model, inputs, longest + 2, chat=True, stop=["\n"], batch_size=c.batch_size)
-            for x, y in zip(inputs, answers):
-                answer = known.get(normalize_answer(y), None if c.known_answers else y.strip())
-                if answer:
-                    kept.append(Example(task, x, answer, f"ssr:{task}:{stage.index}:{len(kept)}"))
+            kept += self._answer(model, stage, task, slot.new_inputs(texts, seen), own, first=len(kept))
         self.generated += written
         return kept[: c.per_task]
+
+    def _write(self, model: nn.Module, stage: StageInfo, contexts: list[str], ends: list[str], seed: int) -> list[str]:
+        """``samples`` continuations of each context, sampled; by the base model (PEFT's ``disable_adapter``;
+        a model without adapters is its own base) unless ``base_inputs`` is off."""
+        c = self.config
+        base = model.disable_adapter() if c.base_inputs and hasattr(model, "disable_adapter") else nullcontext()
+        with base:
+            return stage.generate(
+                model,
+                contexts,
+                c.max_new_tokens,
+                chat=False,
+                temperature=c.temperature,
+                top_p=c.top_p,
+                seed=seed,
+                stop=ends,
+                batch_size=c.batch_size,
+                samples=c.samples,
+            )
+
+    def _answer(
+        self, model: nn.Module, stage: StageInfo, task: str, inputs: list[str], own: list[Example], first: int
+    ) -> list[Example]:
+        """The trained model's greedy answers to ``inputs``, read as evaluation reads them (first line, case
+        and a final period ignored); with ``known_answers`` only those that are one of ``own``'s answers."""
+        known = {normalize_answer(e.answer): e.answer for e in own}
+        longest = max(len(a) for a in known)  # in characters: at least as many tokens as the longest answer
+        answers = stage.generate(model, inputs, longest + 2, chat=True, stop=["\n"], batch_size=self.config.batch_size)
+        kept = []
+        for x, y in zip(inputs, answers):
+            answer = known.get(normalize_answer(y), None if self.config.known_answers else y.strip())
+            if answer:
+                kept.append(Example(task, x, answer, f"ssr:{task}:{stage.index}:{first + len(kept)}"))
+        return kept
 
     def state_dict(self) -> dict:
         return {
