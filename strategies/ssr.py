@@ -220,6 +220,7 @@ class SSR(Strategy):
         slot = _Slot.of(own, self.demos[task])
         rng = self._rng(f"shots:{task}", stage)
         budget = math.ceil(c.per_task * c.oversample)
+        known = {normalize_answer(e.answer): e.answer for e in own}  # answers as evaluation reads them
         seen, kept, written, round_ = set(slot.bodies), [], 0, 0
         # In rounds until per_task are kept or the budget is written: the filter keeps most inputs, so
         # writing and answering the whole budget at once did up to a third of the work for nothing.
@@ -235,7 +236,7 @@ class SSR(Strategy):
             texts = self._write(model, stage, contexts, slot.ends, seed)
             written += len(contexts) * c.samples
             round_ += 1
-            kept += self._answer(model, stage, task, slot.new_inputs(texts, seen), own, first=len(kept))
+            kept += self._answer(model, stage, task, slot.new_inputs(texts, seen), known, first=len(kept))
         self.generated += written
         return kept[: c.per_task]
 
@@ -259,11 +260,11 @@ class SSR(Strategy):
             )
 
     def _answer(
-        self, model: nn.Module, stage: StageInfo, task: str, inputs: list[str], own: list[Example], first: int
+        self, model: nn.Module, stage: StageInfo, task: str, inputs: list[str], known: dict[str, str], first: int
     ) -> list[Example]:
         """The trained model's greedy answers to ``inputs``, read as evaluation reads them (first line, case
-        and a final period ignored); with ``known_answers`` only those that are one of ``own``'s answers."""
-        known = {normalize_answer(e.answer): e.answer for e in own}
+        and a final period ignored: the keys of ``known``, the task's answers); with ``known_answers`` only
+        those that are one of the task's answers."""
         longest = max(len(a) for a in known)  # in characters: at least as many tokens as the longest answer
         answers = stage.generate(model, inputs, longest + 2, chat=True, stop=["\n"], batch_size=self.config.batch_size)
         kept = []
