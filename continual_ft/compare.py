@@ -11,10 +11,11 @@ not trained again. The output folder gets ``report.md``, ``heatmaps.png`` (every
 matrix) and ``acc_bwt.png``, each written atomically.
 
 Runs that differ only in ``seed`` (``seed=0,1,2`` is a grid key like any other) form one
-configuration: the report gives its mean ± standard deviation over seeds with a 95% bootstrap
-interval over seeds and test examples (:mod:`continual_ft.intervals`, from the runs' stored
-predictions), and each configuration's paired difference against naive and joint, marked
-significant where its interval excludes 0. ``acc_bwt.png`` draws the intervals.
+configuration: the report gives its mean ± standard deviation over seeds with a 95% Student t
+interval over seeds (:mod:`continual_ft.intervals`; with one seed, a bootstrap over its test
+examples from the stored predictions), and each configuration's paired difference against naive
+and joint (a paired t interval over the per-seed differences), marked significant where its
+interval excludes 0. ``acc_bwt.png`` draws the intervals.
 """
 
 from __future__ import annotations

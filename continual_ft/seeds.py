@@ -2,10 +2,11 @@
 and the paired differences against naive and joint, as ``compare`` reports them.
 
 Per configuration and metric key (ACC, BWT, ...): the mean over seeds ± the standard deviation
-over seeds (n − 1), and the 95% bootstrap interval over seeds and test examples
-(:func:`continual_ft.intervals.bootstrap`). Against the reference configuration (the naive or joint
-run of the same settings, or the only one there is): the paired difference on the seeds both
-have, with its interval (:func:`continual_ft.intervals.paired_bootstrap`); ``*`` where it excludes 0.
+over seeds (n − 1), and the 95% Student t interval over the seeds' values
+(:func:`continual_ft.intervals.intervals`; with one seed, a bootstrap over its test examples from the
+stored predictions). Against the reference configuration (the naive or joint run of the same
+settings, or the only one there is): the paired difference on the seeds both have, with its paired
+t interval (:func:`continual_ft.intervals.paired_intervals`); ``*`` where it excludes 0.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from continual_ft.intervals import B, Interval, RunSample, bootstrap, mean_std, paired_bootstrap
+from continual_ft.intervals import B, Interval, RunSample, intervals, mean_std, paired_intervals
 
 __all__ = ["Group", "group_runs", "format_groups", "format_significance", "bar_values", "REFERENCES"]
 
@@ -36,7 +37,8 @@ class Group:
     config: dict | None = None  # the runs' config without seed (None: not known, the run stays alone)
     estimates: dict[str, dict[str, tuple]] = field(default_factory=dict)  # metric -> key -> (mean, std, Interval)
     versus: dict[str, tuple] = field(default_factory=dict)  # reference -> (Group, {key: Interval} | None)
-    samples: dict[str, list[RunSample] | None] = field(default_factory=dict, repr=False)
+    observed: dict[str, list[dict] | None] = field(default_factory=dict, repr=False)  # metric -> per-seed metrics
+    samples: dict[str, list[RunSample] | None] = field(default_factory=dict, repr=False)  # one seed's predictions
 
     @property
     def seeds(self) -> list:
@@ -80,16 +82,19 @@ def group_runs(runs: list, configs: list[dict | None]) -> list[Group]:
 
 
 def _estimate(g: Group) -> None:
+    """Mean ± std of each metric, and its interval where every run is complete (an incomplete run's
+    last row is not the end of its stream): over seeds, or over the one seed's stored predictions."""
+    complete = all(r.results.get("complete") for r in g.runs)
     for metric in dict.fromkeys([g.primary, "macro_f1"]):
         if any(metric not in r.results.get("R", {}) for r in g.runs):
             continue
-        observed = [r.results.get("metrics", {}).get(metric) or {} for r in g.runs]
-        samples = [
-            RunSample.from_run(r.run_dir, r.results, metric) if r.results.get("complete") else None for r in g.runs
-        ]
-        g.samples[metric] = None if any(s is None for s in samples) else samples
-        intervals = bootstrap(samples) if g.samples[metric] else {}
-        g.estimates[metric] = {k: (*mean_std([o.get(k) for o in observed]), intervals.get(k)) for k in SHOWN}
+        observed = [{k: (r.results.get("metrics", {}).get(metric) or {}).get(k) for k in SHOWN} for r in g.runs]
+        g.observed[metric] = observed if complete else None
+        if complete and len(g.runs) == 1:
+            sample = RunSample.from_run(g.runs[0].run_dir, g.runs[0].results, metric)
+            g.samples[metric] = None if sample is None else [sample]
+        found = intervals(observed, g.samples.get(metric)) if complete else {}
+        g.estimates[metric] = {k: (*mean_std([o[k] for o in observed]), found.get(k)) for k in SHOWN}
 
 
 def _reference(g: Group, groups: list[Group], strategy: str) -> Group | None:
@@ -104,16 +109,29 @@ def _reference(g: Group, groups: list[Group], strategy: str) -> Group | None:
 
 
 def _paired(g: Group, ref: Group) -> dict[str, Interval] | None:
-    """``g`` − ``ref`` on the primary metric over the seeds both have; None where that cannot be paired."""
-    a, b = g.samples.get(g.primary), ref.samples.get(g.primary)
+    """``g`` − ``ref`` on the primary metric over the seeds both have; None where that cannot be paired
+    (with one seed in common: where the two runs' stored predictions are missing or not on the same
+    test examples)."""
+    a, b = g.observed.get(g.primary), ref.observed.get(g.primary)
     seeds = [s for s in g.seeds if s in ref.seeds]
     if not a or not b or not seeds or ref.primary != g.primary:
         return None
     a = [a[g.seeds.index(s)] for s in seeds]
     b = [b[ref.seeds.index(s)] for s in seeds]
-    if not all(x.same_examples(y) for x, y in zip(a, b)):
+    if len(seeds) > 1:
+        return paired_intervals(a, b)
+    x, y = _sample(g, seeds[0]), _sample(ref, seeds[0])
+    if x is None or y is None or not x.same_examples(y):
         return None
-    return paired_bootstrap(a, b)
+    return paired_intervals(a, b, [x], [y])
+
+
+def _sample(g: Group, seed: Any) -> RunSample | None:
+    """The primary metric's stored predictions of ``g``'s run of ``seed`` (loaded once for a one-seed group)."""
+    if len(g.runs) == 1:
+        return (g.samples.get(g.primary) or [None])[0]
+    run = g.runs[g.seeds.index(seed)]
+    return RunSample.from_run(run.run_dir, run.results, g.primary)
 
 
 def _pct(v: float, sign: bool = False) -> str:
@@ -183,13 +201,14 @@ def bar_values(groups: list[Group]) -> dict[str, dict[str, tuple]]:
 
 
 NOTE = (
-    f"Mean ± standard deviation over seeds, then the 95% interval of a bootstrap over seeds and test "
-    f"examples ({B} replicates, fixed generator; `continual_ft/intervals.py`): seeds drawn with replacement, "
-    "then each seed's test examples with replacement, the metric recomputed from the runs' stored predictions. "
-    "With one seed the interval covers test-example sampling only, and there is no standard deviation. "
+    "Mean ± standard deviation over seeds, then the 95% Student t interval over seeds: mean ± t_{0.975, n−1} "
+    "· std / √n, each seed's metric from its whole test split (the seed also draws the test split, so the "
+    "spread over seeds holds test-example sampling too; `continual_ft/intervals.py`). "
+    f"With one seed the interval covers test-example sampling only (a bootstrap over the test examples, {B} "
+    "replicates, fixed generator, from the run's stored predictions), and there is no standard deviation. "
     "Largest drop: the largest fall of any task from its best earlier score to a later row "
     "(`continual_ft/metrics.py`). "
     "Differences: the configuration minus the naive or joint run of the same settings, on the seeds both have, "
-    "in points, with a paired bootstrap interval (same seeds, same examples drawn for both); "
-    "`*`: the interval excludes 0."
+    "in points, with a paired t interval over the per-seed differences (with one seed, a bootstrap drawing the "
+    "same examples for both); `*`: the interval excludes 0."
 )

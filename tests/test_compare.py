@@ -1,5 +1,6 @@
 """`compare`: a grid of tiny runs, reuse of finished runs, the report files, and bad input."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from continual_ft.cli import main
 from continual_ft.compare import Entry, compare, find_finished, format_stage_table, grid_configs, split_values
 from continual_ft.config import make_config
 from continual_ft.errors import ContinualFTError
+from continual_ft.intervals import t_interval, t_quantile
 from continual_ft.strategies import STRATEGIES
 
 FAST = ["model=tiny", "precision=fp32", "train.max_steps=2", "train.batch_size=4"]
@@ -200,7 +202,17 @@ def test_seed_grid_groups_runs_and_reports_mean_std_and_interval(seeded):
         f"{100 * mean:.1f} ± {100 * std:.1f} [{100 * interval.low:.1f}, {100 * interval.high:.1f}]",
     ]
     assert interval.low <= mean <= interval.high
+    half = t_quantile(0.975, 1) * std / 2**0.5  # the Student t interval over the two seeds
+    assert (interval.low, interval.high) == pytest.approx((mean - half, mean + half))
     assert all(" ± " in c and "[" in c for c in rows["toy-joint-continue"][1:])
+    joint = result.groups[1]
+    gaps = [
+        j.results["metrics"]["accuracy"]["acc"] - n.results["metrics"]["accuracy"]["acc"]
+        for j, n in zip(joint.runs, naive.runs)
+    ]
+    paired = joint.versus["naive"][1]["acc"]  # paired by seed: the t interval over the per-seed differences
+    expected = t_interval(gaps)
+    assert (paired.value, paired.low, paired.high) == pytest.approx((expected.value, expected.low, expected.high))
     diffs = _table_rows(result.table.split("\n\n")[1], "configuration")
     assert diffs["configuration"] == ["ACC − naive", "BWT − naive", "ACC − joint", "BWT − joint"]
     assert diffs["toy-naive-continue"][:2] == ["—", "—"] and diffs["toy-joint-continue"][2:] == ["—", "—"]
@@ -219,6 +231,20 @@ def test_seed_intervals_are_reproducible_and_printed_by_the_cli(seeded, capsys):
     main(["compare", str(a), str(b), "--out", str(tmp / "dirs")])
     rows = _table_rows(capsys.readouterr().out, "configuration")
     assert list(rows)[1:] == ["toy-naive-continue"] and rows["toy-naive-continue"][0] == "0, 1"
+
+
+def test_seed_intervals_need_no_predictions_and_one_seed_does(seeded, tmp_path):
+    _, _, result = seeded
+    dirs = []
+    for e in result.entries[:2]:  # naive, seeds 0 and 1, without their stored predictions
+        shutil.copytree(e.run_dir, tmp_path / e.run_dir.name)
+        shutil.rmtree(tmp_path / e.run_dir.name / "predictions")
+        dirs.append(str(tmp_path / e.run_dir.name))
+    both = compare(dirs, out=tmp_path / "both", progress=False, log=lambda _: None)
+    assert both.groups[0].estimates["accuracy"]["acc"][2] == result.groups[0].estimates["accuracy"]["acc"][2]
+    alone = compare(dirs[:1], out=tmp_path / "alone", progress=False, log=lambda _: None)
+    assert alone.groups[0].estimates["accuracy"]["acc"][2].low is None  # over test examples: needs them
+    assert "[" not in _table_rows(alone.table, "configuration")[alone.groups[0].name][1]
 
 
 def test_single_seed_configurations_have_an_interval_over_examples_and_no_std(grid):
