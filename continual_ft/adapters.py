@@ -24,7 +24,10 @@ Modes (W is a frozen base weight, B_k A_k the LoRA of stage k, s = α/r):
   ``add_weighted_adapter``, W x + Σ_j w_j ΔW_j for ``cat``/``svd`` (task arithmetic; ``svd`` truncates
   the sum to rank r), a TIES/DARE combination, or MagMax (per weight entry, the stage delta of
   largest magnitude): model merging as a continual-learning strategy.
-  Evaluation after stage k uses the combination of stages 1..k.
+  Evaluation after stage k uses the combination of stages 1..k. While stage k trains, the
+  combination of stages 1..k−1 stays in the model, inactive and frozen: it is the model evaluated
+  after stage k−1, which LwF distils (:func:`evaluated_adapter`, :func:`only_adapter`). It costs the
+  memory it took at that evaluation (for ``magmax``, up to twice the targeted weights, in fp32).
 
 Saved in standard PEFT format, each loadable with ``PeftModel.from_pretrained(base, dir)``:
 ``adapters/stage<k>`` (the adapter trained in stage k; under ``merge`` it applies on top of the
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -57,6 +61,8 @@ __all__ = [
     "finish_stage",
     "finish_run",
     "restore",
+    "evaluated_adapter",
+    "only_adapter",
     "save_stage",
     "combine",
     "magmax",
@@ -145,15 +151,41 @@ def start_stage(model, mode: str, stage: int, cfg: LoraConfig):
     earlier = [n for n in adapter_names(model) if n != MERGED]
     model.add_adapter(name, peft_config(cfg, num_layers))
     # new / stack: every adapter active, only the new one trains.
-    # merge_final: only the new adapter is active, so it learns from the base model alone.
+    # merge_final: only the new adapter is active, so it learns from the base model alone; `merged` (the
+    # model evaluated after the previous stage) stays, inactive and frozen, until finish_stage rebuilds it.
     active = earlier + [name] if mode in ("new", "stack") else [name]
     model.base_model.set_adapter(active)
-    if MERGED in model.peft_config:  # rebuilt from all stages in finish_stage
-        model.delete_adapter(MERGED)
     if earlier:
         model.base_model.set_requires_grad(earlier, requires_grad=False)
     model.base_model.set_requires_grad(name, requires_grad=True)
     return model
+
+
+def evaluated_adapter(model) -> str | None:
+    """The adapter that alone makes the model evaluated after the previous stage, where the model trains
+    another: under ``merge_final``, ``merged`` (stages 1..k−1 combined) while stage k's adapter trains from
+    the base. None elsewhere: under ``continue``, ``new``/``stack`` and ``merge`` the trained model starts
+    a stage as the model evaluated after the previous one (a fresh adapter's B is 0)."""
+    if isinstance(model, PeftModel) and MERGED in model.peft_config:
+        if MERGED not in model.base_model.active_adapters:
+            return MERGED
+    return None
+
+
+@contextmanager
+def only_adapter(model, name: str):
+    """Inside the block ``model`` computes with adapter ``name`` alone (for a no-grad forward); after it the
+    active adapters, and which parameters require grad, are as before. PEFT's ``set_adapter`` also sets
+    ``requires_grad`` (and the adapters' dropout mode): the flags are put back one by one."""
+    active = list(model.base_model.active_adapters)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.base_model.set_adapter(name, inference_mode=True)
+    try:
+        yield model
+    finally:
+        model.base_model.set_adapter(active)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _save_adapter(model, name: str, out: Path, state_dict: dict | None = None) -> Path:
@@ -307,13 +339,15 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def restore(model, mode: str, stages_done: int, run_dir: Path, cfg: LoraConfig):
+def restore(model, mode: str, stages_done: int, run_dir: Path, cfg: LoraConfig, merge_cfg: MergeConfig, seed: int = 0):
     """The model as it stood after ``stages_done`` stages of a run, rebuilt from the run's saved adapters.
 
     Replays what the run did, stage by stage: :func:`start_stage`, then the stage's trained weights
-    from ``adapters/stage<k>`` instead of training, then under ``merge`` the same merge into the base.
-    The same operations on the same weights give the same model, bit for bit. The combined
-    ``merged`` adapter of ``merge_final`` is not rebuilt: the next stage rebuilds it from all stages.
+    from ``adapters/stage<k>`` instead of training, then under ``merge`` the same merge into the base,
+    and under ``merge_final`` the same combination ``merged`` of them all (``merge_cfg``, ``seed``: the
+    run's), rebuilt rather than read from ``adapters/merged``, which a run stopped after saving a stage
+    but before its results may have written one stage ahead. The same operations on the same weights
+    give the same model, bit for bit.
     """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -328,4 +362,6 @@ def restore(model, mode: str, stages_done: int, run_dir: Path, cfg: LoraConfig):
             raise ContinualFTError(f"{path}: does not match the model ({result.unexpected_keys[0]})")
         if mode == "merge":
             model = model.merge_and_unload()
+    if mode == "merge_final" and stages_done:  # the model evaluated after the last stage done (LwF's teacher)
+        combine(model, [_stage_name(mode, j) for j in range(stages_done)], merge_cfg, seed=seed + stages_done - 1)
     return model

@@ -24,6 +24,8 @@ __all__ = [
     "collate_packed",
     "length_grouped_batches",
     "split_batch",
+    "split_rows",
+    "in_global_batch",
     "to_device",
 ]
 
@@ -208,10 +210,32 @@ def split_batch(
     """``items`` in consecutive parts of at most ``max_tokens`` computed tokens each, widths rounded up to
     ``multiple`` as the collator pads them (one part if they fit; an example longer than that gets a part
     of its own). Sorted by length first, so padding stays small."""
-    order = sorted(range(len(items)), key=lambda i: len(items[i]))
-    if max_tokens <= 0 or _cost([len(e) for e in items], packed, multiple) <= max_tokens:
-        return [list(items)]
-    return [[items[i] for i in part] for part in _cut(order, items, len(items), max_tokens, packed, multiple)]
+    return [[items[i] for i in part] for part in split_rows(items, range(len(items)), max_tokens, packed, multiple)]
+
+
+def split_rows(
+    items: Sequence[Encoded], rows: Sequence[int], max_tokens: int, packed: bool = False, multiple: int = 1
+) -> list[list[int]]:
+    """:func:`split_batch` of the examples ``rows`` (indices into ``items``), as parts of those indices."""
+    order = sorted(rows, key=lambda i: len(items[i]))
+    if max_tokens <= 0 or _cost([len(items[i]) for i in rows], packed, multiple) <= max_tokens:
+        return [list(rows)]
+    return _cut(order, items, len(rows), max_tokens, packed, multiple)
+
+
+def in_global_batch(batch: dict, whole: Sequence[Encoded], rows: Sequence[int]) -> dict:
+    """``batch``, collated from the examples ``rows`` of ``whole``, told where they sit in it.
+
+    ``whole`` is an optimizer step's global batch, which several processes (or parts cut to a token
+    budget) share. ``global_rows`` are the indices of the batch's examples in ``whole``, in the batch's
+    order (a padded batch's rows); ``global_answer_tokens`` the answer-token count of every example of
+    ``whole``. A strategy whose penalty is a mean over chosen examples of the global batch (LwF) chooses
+    and normalises with them as one process holding ``whole`` would; a batch without them is its own
+    global batch.
+    """
+    batch["global_rows"] = list(rows)
+    batch["global_answer_tokens"] = [len(e.answer_ids) for e in whole]
+    return batch
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -14,7 +14,7 @@ from continual_ft.config import RunConfig
 from continual_ft.errors import ContinualFTError
 from continual_ft.tracking import check_trackers
 
-__all__ = ["check_config", "check_scenario", "check_fsdp"]
+__all__ = ["check_config", "check_adapter", "check_scenario", "check_fsdp"]
 
 
 def check_config(config: RunConfig) -> list:
@@ -25,9 +25,7 @@ def check_config(config: RunConfig) -> list:
     if config.adapter not in ADAPTER_MODES:
         raise ContinualFTError(f"unknown adapter {config.adapter!r}; choose from {', '.join(ADAPTER_MODES)}")
     for s in strategies:
-        needs = getattr(s, "requires_adapter", None)  # e.g. O-LoRA needs a fresh adapter per stage
-        if needs and config.adapter not in needs:
-            raise ContinualFTError(f"strategy={s.name} needs adapter={' or '.join(needs)}, not {config.adapter}")
+        check_adapter(s, config.adapter)
         if hasattr(s, "check_run"):  # a strategy's own limits (avalanche:*: its package, what its loop can do)
             s.check_run(config)
     if config.quantize != "none" and config.model == "tiny":
@@ -42,6 +40,16 @@ def check_config(config: RunConfig) -> list:
             raise ContinualFTError(f"output_dir={config.output_dir}: {parent} is a file, not a directory")
     check_trackers(config.log)
     return strategies
+
+
+def check_adapter(strategy, adapter: str) -> None:
+    """Refuse a strategy in an adapter mode where it would do nothing of its own (its ``adapter_modes``):
+    ``strategy=ewc needs adapter=continue: under adapter=stack each stage trains a fresh adapter ...``."""
+    modes = strategy.adapter_modes
+    if modes is not None and adapter not in modes:
+        why = strategy.adapter_refusal.format(adapter=adapter)
+        named = " or ".join(filter(None, [", ".join(modes[:-1]), modes[-1]]))  # "continue, new, stack or merge"
+        raise ContinualFTError(f"strategy={strategy.name} needs adapter={named}: {why}")
 
 
 def check_scenario(config: RunConfig, scenario) -> None:

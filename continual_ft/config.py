@@ -213,7 +213,11 @@ class RunConfig:
     strategy: str = _help("anti-forgetting strategy; combine with '+', e.g. replay+ewc", "naive")
     adapter: str = _help("how LoRA adapters carry across stages", "continue")
     model: str = _help("smollm2-135m, tiny, a local directory or a hub id", "smollm2-135m")
-    precision: str = _help(f"compute precision: {', '.join(PRECISIONS)} (auto = bf16 where supported)", "auto")
+    precision: str = _help(
+        f"compute precision: {', '.join(PRECISIONS)} (auto = bf16 on a GPU that supports it, on a CPU where a cached "
+        "matmul probe finds it >= 1.1x as fast as fp32; else fp32)",
+        "auto",
+    )
     quantize: str = _help(f"base-weight quantization: {', '.join(QUANTIZE)} (nf4 = QLoRA via bitsandbytes)", "none")
     trust_remote_code: bool = _help("allow custom model code from a hub repo", False)
     seed: int = _help("seed for data sampling, initialisation and shuffling", 0)

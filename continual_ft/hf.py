@@ -30,7 +30,7 @@ from continual_ft.batching import Encoded, Encoder, collate
 from continual_ft.data import Example
 from continual_ft.errors import ContinualFTError
 from continual_ft.losses import token_loss
-from continual_ft.stage import Batches, after_backward, run_stage, total_penalty
+from continual_ft.stage import Batches, after_backward, refuse_own_loops, run_stage, total_penalty
 from continual_ft.stage import stage_info as _stage_info
 from continual_ft.strategies import StageInfo, Strategy
 
@@ -75,6 +75,7 @@ class ContinualTrainer(Trainer):
     def __init__(self, *args, strategies: Sequence[Strategy] = (), stage: StageInfo | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.strategies = list(strategies)
+        refuse_own_loops(self.strategies, "the HF Trainer")
         self.stage = stage  # what after_backward gets (A-GEM draws its reference batches with it)
         hooked = [s.name for s in self.strategies if type(s).after_backward is not Strategy.after_backward]
         if hooked and self.args.world_size > 1:
@@ -82,6 +83,15 @@ class ContinualTrainer(Trainer):
             raise ContinualFTError(
                 f"strategy={hooked[0]} with the HF Trainer over {self.args.world_size} processes: its gradient "
                 "hook needs a sum across processes that hf.stage_info lacks; use cli.py run (DDP) instead"
+            )
+        partial = [s for s in self.strategies if s.name == "lwf" and s.config.fraction < 1]
+        if partial and self.args.world_size > 1:
+            # Our trainer tags each share with its rows' place in the global batch (batching.in_global_batch);
+            # the HF Trainer's batches don't carry it, so each process would choose its own rows.
+            raise ContinualFTError(
+                f"strategy=lwf with lwf.fraction={partial[0].config.fraction} and the HF Trainer over "
+                f"{self.args.world_size} processes would distil other rows than one process: set lwf.fraction=1, "
+                "or use cli.py run (DDP)"
             )
 
     def training_step(self, model, inputs, num_items_in_batch=None):

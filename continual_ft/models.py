@@ -151,10 +151,15 @@ def load_model(
     trust_remote_code: bool = False,
     seed: int = 0,
     quantization_config=None,
+    device: torch.device | str | None = None,
 ):
     """Return ``(model, tokenizer)`` for ``name``: a built-in name, a local directory, or a hub id.
 
-    ``quantization_config`` (a ``BitsAndBytesConfig``) loads the base weights in 4 bit for QLoRA.
+    ``quantization_config`` (a ``BitsAndBytesConfig``) loads the base weights in 4 bit for QLoRA, onto
+    ``device``: a 4-bit model is placed as it loads and cannot be moved after, and without a device
+    transformers' bitsandbytes quantizer picks the current CUDA device wherever there is one, even for a
+    run told to use the CPU.
+    Other models load on the CPU; the caller moves them.
     """
     if name not in MODELS and not Path(name).exists() and "/" not in name:
         raise ContinualFTError(
@@ -168,6 +173,8 @@ def load_model(
         kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
         if quantization_config is not None:
             kwargs["quantization_config"] = quantization_config
+            if device is not None:
+                kwargs["device_map"] = {"": str(device)}
         try:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except (OSError, ValueError) as e:

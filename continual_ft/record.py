@@ -42,8 +42,20 @@ class RunRecord:
         self._unsaved: dict[int, dict[str, list[dict]]] = {}  # row -> predictions, until the next save
 
     @classmethod
-    def start(cls, run_dir: Path, *, config, scenario, precision: str, device: torch.device, world: int = 1):
-        """A fresh record for ``scenario`` run under ``config``."""
+    def start(
+        cls,
+        run_dir: Path,
+        *,
+        config,
+        scenario,
+        precision: str,
+        device: torch.device,
+        world: int = 1,
+        precision_reason: str | None = None,
+        precision_probe: dict | None = None,
+    ):
+        """A fresh record for ``scenario`` run under ``config``; ``precision_reason`` and ``precision_probe``
+        say why it computes in ``precision`` (:class:`continual_ft.precision.PrecisionChoice`)."""
         tasks = list(scenario.tasks)
         data = {
             "scenario": scenario.name,
@@ -52,6 +64,8 @@ class RunRecord:
             "merge": asdict(config.merge) if config.adapter == "merge_final" else None,
             "model": config.model,
             "precision": precision,
+            "precision_reason": precision_reason,  # "bf16 matmul 0.58x fp32 on this CPU", "set explicitly", ...
+            "precision_probe": precision_probe,  # the CPU probe's TFLOP/s, CPU, threads; None where none ran
             "device": str(device),
             "processes": world,
             "seed": config.seed,

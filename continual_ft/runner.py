@@ -37,12 +37,13 @@ from continual_ft.distributed import Dist, get_dist
 from continual_ft.errors import ContinualFTError
 from continual_ft.evaluation import evaluate_task
 from continual_ft.models import load_model
+from continual_ft.precision import PrecisionChoice, choose_precision
 from continual_ft.record import RunRecord
 from continual_ft.results import load_results, write_yaml
 from continual_ft.scenario import Scenario, load_scenario
 from continual_ft.stage import Batches, run_stage, stage_info
 from continual_ft.tracking import Trackers, open_trackers, stage_values
-from continual_ft.trainer import NonFiniteLoss, autocast_for, resolve_precision, train_stage
+from continual_ft.trainer import NonFiniteLoss, autocast_for, train_stage
 
 __all__ = ["Results", "run", "resume", "report", "peak_memory_mb", "reset_peak_memory"]
 
@@ -125,6 +126,7 @@ class _Run:
     device: torch.device
     precision: str
     dist: Dist
+    precision_choice: PrecisionChoice | None = None  # why ``precision``: printed at the start, kept in results.json
     record: RunRecord | None = None
     progress: bool = True
     resume_stage: int | None = None  # the stage a resumed run goes on in
@@ -146,8 +148,10 @@ class _Run:
             self.record.save(peak_memory_mb(self.device), complete)
 
 
-def _setup(config: RunConfig, progress: bool) -> _Run:
-    """Checks, then the scenario, the model in its training precision and the tokenizer."""
+def _setup(config: RunConfig, progress: bool, kept_precision: str | None = None) -> _Run:
+    """Checks, then the scenario, the model in its training precision and the tokenizer.
+
+    ``kept_precision``: a resumed run's precision, kept whatever ``auto`` would choose here now."""
     strategies = check_config(config)
     scenario = load_scenario(config.scenario, quick=config.quick, seed=config.seed, sizes=config.data.sizes())
     check_scenario(config, scenario)
@@ -155,7 +159,11 @@ def _setup(config: RunConfig, progress: bool) -> _Run:
     if dist.is_fsdp:
         check_fsdp(config, strategies, dist.fsdp_version)
     device = dist.device
-    precision = resolve_precision(config.precision, device)
+    if kept_precision:
+        choice = PrecisionChoice(kept_precision, "as the run it resumes")
+    else:
+        choice = choose_precision(config.precision, device, dist)
+    precision = choice.precision
     reset_peak_memory(device)
     torch.manual_seed(config.seed)
     # Frozen base weights in bf16 halve memory and skip autocast's per-step casts; loaded straight
@@ -167,12 +175,17 @@ def _setup(config: RunConfig, progress: bool) -> _Run:
         trust_remote_code=config.trust_remote_code,
         seed=config.seed,
         quantization_config=_quantization(config, fsdp=dist.is_fsdp),
+        device=device,  # a 4-bit model is placed as it loads (each process's own device), never moved after
     )
     if config.quantize == "none":
         # FSDP: the whole model stays on the CPU; _shard moves each process's share to its device.
         model = model.to(device=torch.device("cpu") if dist.is_fsdp else device, dtype=dtype)
     encoder = Encoder(tokenizer, config.train.max_length, config.data.chat_template, config.data.system_prompt)
-    return _Run(config, scenario, strategies, model, tokenizer, encoder, device, precision, dist, progress=progress)
+    run = _Run(
+        config, scenario, strategies, model, tokenizer, encoder, device, precision, dist, choice, progress=progress
+    )
+    run.log(choice.line)
+    return run
 
 
 def _shard(run: _Run) -> None:
@@ -386,6 +399,8 @@ def run(config: RunConfig, progress: bool = True, on_stage: Callable[[int, RunRe
         precision=run.precision,
         device=run.device,
         world=run.dist.world,
+        precision_reason=run.precision_choice.reason,
+        precision_probe=run.precision_choice.probe,
     )
     if run.dist.is_main:
         run.run_dir.mkdir(parents=True)
@@ -446,7 +461,7 @@ def resume(run_dir: Path, progress: bool = True, changes: list[str] = ()) -> Res
     previous = load_results(run_dir)
     if previous.get("complete"):
         return Results(run_dir, previous)
-    run = _setup(config, progress)
+    run = _setup(config, progress, previous.get("precision"))
     done = len(previous.get("stage_stats", []))
     boundary = load_boundary(run_dir, done)
     if boundary is None:
@@ -457,7 +472,7 @@ def resume(run_dir: Path, progress: bool = True, changes: list[str] = ()) -> Res
     if changes:
         record.data.setdefault("resume_changes", []).append({"part": len(record.data["parts"]), "set": list(changes)})
     run.record, run.resume_stage = record, done
-    run.model = adapters.restore(run.model, config.adapter, done, run_dir, config.lora)
+    run.model = adapters.restore(run.model, config.adapter, done, run_dir, config.lora, config.merge, config.seed)
     _shard(run)
     if done:
         path = run_dir / "strategy_state" / f"stage{done}"

@@ -32,11 +32,12 @@ import torch
 
 from continual_ft.batching import Encoder, collate, length_grouped_batches, to_device
 from continual_ft.data import Example
+from continual_ft.errors import ContinualFTError
 from continual_ft.generation import sample
 from continual_ft.losses import mean_token_loss
 from continual_ft.strategies.base import StageInfo, Strategy
 
-__all__ = ["Batches", "StageRun", "stage_info", "run_stage", "total_penalty", "after_backward"]
+__all__ = ["Batches", "StageRun", "stage_info", "run_stage", "total_penalty", "after_backward", "refuse_own_loops"]
 
 T = TypeVar("T")
 
@@ -162,6 +163,17 @@ def total_penalty(strategies: Sequence[Strategy], model, batch: dict, outputs) -
         if extra is not None:
             total = extra if total is None else total + extra
     return total
+
+
+def refuse_own_loops(strategies: Sequence[Strategy], loop: str) -> None:
+    """Stop before training where a strategy is a training loop of its own (``avalanche:*``, trained by
+    Avalanche's loop through ``train_stage``): ``loop`` calls hooks only, so it would train it as naive."""
+    for s in strategies:
+        if hasattr(s, "train_stage"):
+            raise ContinualFTError(
+                f"strategy={s.name} trains in a loop of its own, not through hooks: {loop} would train it as naive; "
+                "run it with cli.py run"
+            )
 
 
 def after_backward(strategies: Sequence[Strategy], model, stage: StageInfo | None, step: int) -> None:

@@ -10,7 +10,9 @@ Several processes (:mod:`continual_ft.distributed`): every process draws the sam
 (``batch_size × processes`` examples, the same stream one process would draw) and trains on its
 strided share; the divisor is the step's answer-token count over all processes, times the number
 of processes because DDP averages gradients. A step then computes the gradient one process would
-compute on the whole global batch, up to the order of floating-point sums.
+compute on the whole global batch, up to the order of floating-point sums. Each micro-batch says
+where its rows sit in the global batch (:func:`~continual_ft.batching.in_global_batch`), so a
+penalty that is a mean over chosen rows (LwF) chooses and averages over the global batch too.
 
 Resuming: :class:`~continual_ft.checkpoint.StepCheckpoints` saves the trainable weights, optimizer,
 scheduler, RNG states and the number of micro-batches drawn; a resumed stage reloads them and
@@ -35,8 +37,9 @@ from continual_ft.batching import (
     Encoder,
     collate,
     collate_packed,
+    in_global_batch,
     length_grouped_batches,
-    split_batch,
+    split_rows,
     to_device,
 )
 from continual_ft.checkpoint import StepCheckpoints, rng_state, set_rng_state
@@ -44,6 +47,7 @@ from continual_ft.config import TrainConfig
 from continual_ft.data import Example
 from continual_ft.errors import ContinualFTError
 from continual_ft.losses import token_loss
+from continual_ft.precision import choose_precision
 from continual_ft.stage import after_backward, total_penalty
 
 __all__ = [
@@ -83,22 +87,10 @@ class StageStats:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` → bf16 where the hardware computes it natively (CUDA bf16, AVX512-BF16/AMX), else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if _cpu_has_bf16() else "fp32"
+    """``auto`` → bf16 on a GPU that computes it, on a CPU where it measures clearly faster; else fp32
+    (:mod:`continual_ft.precision`, which also says why)."""
+    return choose_precision(precision, device).precision
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable:
@@ -177,9 +169,9 @@ def activation_checkpointing(model, enabled: bool):
         disable()
 
 
-def _shard(items: list[Encoded], dist) -> tuple[list[Encoded], bool]:
-    """This process's share of a global batch; a process left without rows trains on a zero-weight copy
-    of the first (DDP needs every process in every step). Returns (items, is_dummy)."""
+def _shard(items: list, dist) -> tuple[list, bool]:
+    """This process's share of a global batch (of its row indices); a process left without rows trains on a
+    zero-weight copy of the first (DDP needs every process in every step). Returns (items, is_dummy)."""
     if dist is None or dist.world == 1:
         return items, False
     mine = dist.shard(items)
@@ -187,13 +179,15 @@ def _shard(items: list[Encoded], dist) -> tuple[list[Encoded], bool]:
 
 
 def _batch(
-    items: list[Encoded], pad: int, device, dummy: bool = False, packed: bool = False, multiple: int = 1
+    whole: list[Encoded], rows: list[int], pad: int, device, dummy=False, packed=False, multiple: int = 1
 ) -> dict:
+    """The micro-batch of the examples ``rows`` of the global batch ``whole``, told where they sit in it."""
+    items = [whole[i] for i in rows]
     batch = collate_packed(items, pad, multiple) if packed else collate(items, pad, multiple)
     if dummy:
         batch["labels"].fill_(-100)
         batch["n_tokens"] = 0
-    return to_device(batch, device)
+    return to_device(in_global_batch(batch, whole, rows), device)
 
 
 @torch.no_grad()
@@ -365,9 +359,10 @@ def train_stage(
         step_start = time.perf_counter()
         micro = []
         for _ in range(cfg.grad_accum):
-            items, dummy = _shard(next(stream), dist)
-            for part in split_batch(items, budget, cfg.packing, multiple):  # same step, less memory per forward
-                micro.append(_batch(part, pad, device, dummy, cfg.packing, multiple))
+            whole = next(stream)
+            share, dummy = _shard(list(range(len(whole))), dist)  # this process's rows of the global batch
+            for rows in split_rows(whole, share, budget, cfg.packing, multiple):  # same step, less memory per forward
+                micro.append(_batch(whole, rows, pad, device, dummy, cfg.packing, multiple))
         drawn += cfg.grad_accum
         checkpointing = activation_checkpointing(model, cfg.gradient_checkpointing)
         with training_attention(model, cfg.attention, device), checkpointing:

@@ -28,7 +28,7 @@ from continual_ft.metrics import summary
 from continual_ft.models import load_model
 from continual_ft.results import format_matrix, format_metrics
 from continual_ft.scenario import load_scenario
-from continual_ft.stage import Batches, after_backward, run_stage, stage_info, total_penalty
+from continual_ft.stage import Batches, after_backward, refuse_own_loops, run_stage, stage_info, total_penalty
 from continual_ft.strategies import build
 
 
@@ -63,6 +63,7 @@ def main(argv=None) -> list[list[float]]:
     }
     names = [n.strip() for n in args.strategy.split("+")]
     strategies = build(args.strategy, {n: settings[n] for n in names if n in settings})
+    refuse_own_loops(strategies, "this loop")
 
     batches = Batches(encoder, args.batch_size, device)  # how a strategy runs the model over data (EWC's Fisher)
 

@@ -104,6 +104,13 @@ class AGEM(Strategy):
     """
 
     name = "agem"
+    # merge_final trains each stage's adapter from the base alone: g_ref would be the base model's memory
+    # gradient, not the evaluated combination's, and the combination is not linear in it for svd/ties/magmax.
+    adapter_modes = ("continue", "new", "stack", "merge")
+    adapter_refusal = (
+        "under adapter={adapter} each stage trains a fresh adapter from the base model alone, so the memory's "
+        "gradient would be the base model's, not that of the evaluated combination of the earlier stages"
+    )
 
     def __init__(self, config: AGEMConfig | None = None):
         self.config = config or AGEMConfig()

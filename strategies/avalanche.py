@@ -9,6 +9,7 @@ starts (``continual_ft.integrations.avalanche`` says how a causal LM meets its c
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -93,7 +94,10 @@ class AvalancheStrategy(Strategy):
 
         require_avalanche(f"strategy={self.name}")
         if "+" in config.strategy:
+            # Its loop is Avalanche's: our strategies' hooks beside it would never be called.
             raise ContinualFTError(f"strategy={self.name} runs alone (Avalanche's plugins act inside its own loop)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun/accelerate (continual_ft.distributed)
+            raise ContinualFTError(f"strategy={self.name} runs in one process: launch it without torchrun/accelerate")
         t = config.train
         unsupported = {
             "train.grad_accum": t.grad_accum != 1,
@@ -169,28 +173,82 @@ class AvalancheStrategy(Strategy):
             )
 
 
-def _entry(name: str, avalanche_class: str, config_cls: type, doc: str) -> type:
+# Avalanche's regularizers keep importances and anchors of the parameters that trained (by name); under
+# new/stack, merge and merge_final each stage trains a fresh adapter they never saw, so they would add nothing.
+_ONE_ADAPTER = (
+    ("continue",),
+    "under adapter={adapter} each stage trains a fresh adapter with no importances of its own",
+)
+# Avalanche's LwF copies the model at the end of a stage and A-GEM takes its gradients from the model that trains:
+# under merge_final that is the stage's lone adapter on the base, not the evaluated combination of the stages.
+_NOT_MERGE_FINAL = (
+    ("continue", "new", "stack", "merge"),
+    "under adapter={adapter} the model that trains is the base with the stage's fresh adapter alone, not the "
+    "evaluated combination of the earlier stages",
+)
+_ANY = (None, "")
+
+
+def _entry(name: str, avalanche_class: str, config_cls: type, doc: str, modes: tuple) -> type:
+    adapter_modes, refusal = modes
     return type(
         f"Avalanche{avalanche_class}",
         (AvalancheStrategy,),
-        {"name": name, "avalanche_class": avalanche_class, "__doc__": doc, "__module__": __name__},
+        {
+            "name": name,
+            "avalanche_class": avalanche_class,
+            "__doc__": doc,
+            "__module__": __name__,
+            "adapter_modes": adapter_modes,
+            "adapter_refusal": refusal,
+        },
     )
 
 
 _ENTRIES = [
-    ("avalanche:naive", "Naive", AvalancheNaiveConfig, "Avalanche's Naive: plain fine-tuning in Avalanche's loop."),
-    ("avalanche:replay", "Replay", AvalancheReplayConfig, "Avalanche's Replay: experience-balanced buffer batches."),
-    ("avalanche:ewc", "EWC", AvalancheEWCConfig, "Avalanche's EWC: importances of every parameter, whole-data pass."),
-    ("avalanche:lwf", "LwF", AvalancheLwFConfig, "Avalanche's LwF: distils a full copy of the previous model."),
-    ("avalanche:si", "SynapticIntelligence", AvalancheSIConfig, "Avalanche's Synaptic Intelligence."),
-    ("avalanche:mas", "MAS", AvalancheMASConfig, "Avalanche's Memory Aware Synapses."),
-    ("avalanche:agem", "AGEM", AvalancheAGEMConfig, "Avalanche's A-GEM: gradient projection on a memory sample."),
-    ("avalanche:cumulative", "Cumulative", AvalancheCumulativeConfig, "Avalanche's Cumulative: all data so far."),
+    (
+        "avalanche:naive",
+        "Naive",
+        AvalancheNaiveConfig,
+        "Avalanche's Naive: plain fine-tuning in Avalanche's loop.",
+        _ANY,
+    ),
+    (
+        "avalanche:replay",
+        "Replay",
+        AvalancheReplayConfig,
+        "Avalanche's Replay: experience-balanced buffer batches.",
+        _ANY,
+    ),
+    (
+        "avalanche:ewc",
+        "EWC",
+        AvalancheEWCConfig,
+        "Avalanche's EWC: importances of every parameter, whole-data pass.",
+        _ONE_ADAPTER,
+    ),
+    (
+        "avalanche:lwf",
+        "LwF",
+        AvalancheLwFConfig,
+        "Avalanche's LwF: distils a full copy of the previous model.",
+        _NOT_MERGE_FINAL,
+    ),
+    ("avalanche:si", "SynapticIntelligence", AvalancheSIConfig, "Avalanche's Synaptic Intelligence.", _ONE_ADAPTER),
+    ("avalanche:mas", "MAS", AvalancheMASConfig, "Avalanche's Memory Aware Synapses.", _ONE_ADAPTER),
+    (
+        "avalanche:agem",
+        "AGEM",
+        AvalancheAGEMConfig,
+        "Avalanche's A-GEM: gradient projection on a memory sample.",
+        _NOT_MERGE_FINAL,
+    ),
+    ("avalanche:cumulative", "Cumulative", AvalancheCumulativeConfig, "Avalanche's Cumulative: all data so far.", _ANY),
 ]
 
-STRATEGY_CONFIGS: dict[str, type] = {name: config for name, _, config, _ in _ENTRIES}
+STRATEGY_CONFIGS: dict[str, type] = {name: config for name, _, config, _, _ in _ENTRIES}
 
 #: Registry entries, ``name -> (strategy class, config dataclass)``, merged into ``STRATEGIES``.
 AVALANCHE_STRATEGIES: dict[str, tuple[type[Strategy], type]] = {
-    name: (_entry(name, cls_name, config, doc), config) for name, cls_name, config, doc in _ENTRIES
+    name: (_entry(name, cls_name, config, doc, modes), config) for name, cls_name, config, doc, modes in _ENTRIES
 }

@@ -64,6 +64,13 @@ class Strategy:
     uses_model = True
     #: Whether its hooks work on FSDP2's DTensor shards and keep a run equal to one process (docs/distributed.md).
     handles_shards = False
+    #: The adapter modes (``adapter=``, :data:`continual_ft.adapters.ADAPTER_MODES`) in which the strategy does what
+    #: its name says; ``None``: every mode (a strategy that only picks data). In any other mode ``check_config``
+    #: stops the run before anything is written with ``strategy=<name> needs adapter=<these>: <adapter_refusal>``
+    #: (the table in docs/strategies.md says which strategy acts in which mode, and the test that shows it).
+    adapter_modes: tuple[str, ...] | None = None
+    #: Why it does nothing of its own in the other modes, one clause; ``{adapter}`` is the mode refused.
+    adapter_refusal = ""
 
     def train_data(self, stage: StageInfo, examples: list[Example]) -> list[Example]:
         """The examples to train on in this stage (default: the stage's own)."""

@@ -3,6 +3,14 @@
 Only trainable parameters (the LoRA adapter, a few MB) get a Fisher and an anchor, never the
 frozen base model. Parameters are keyed by their ``named_parameters()`` name, so a penalty
 applies only to a parameter that exists, is trainable, and was trainable when an anchor was taken.
+That is why EWC acts only under ``adapter=continue``, where one adapter trains on through every
+stage: under ``new``/``stack``, ``merge`` and ``merge_final`` each stage trains a fresh adapter,
+whose weights had no Fisher and no anchor when the earlier stages ended (their own adapters are
+frozen, or merged into the base, and cannot move), so the penalty would be 0 and the run naive.
+Anchoring the merged weights instead (``merge``) would need a Fisher of every targeted base weight,
+a copy the size of those weights rather than of an adapter. Those modes are refused up front
+(``adapter_modes``), and in a loop that skips that check :meth:`before_stage` refuses a stage
+whose trained parameters have no anchor.
 """
 
 from __future__ import annotations
@@ -62,8 +70,8 @@ class EWC(Strategy):
     * Plain EWC keeps one (F_t, θ*_t) pair per stage (exact; memory grows by one adapter-size
       pair per stage). Online EWC (Schwarz et al. 2018) keeps one pair: F ← γ·F_old + F_new, θ* ← θ*_new.
 
-    A parameter frozen at penalty time (earlier adapters under ``adapter=new``) gets no penalty,
-    and neither does one that was not trainable at an anchor (a new stage's adapter).
+    Only under ``adapter=continue`` (the module docstring says why): the parameters anchored after
+    stage t are the ones that train in stage t+1.
 
     Under FSDP2 (parameters are DTensor shards; docs/distributed.md, "FSDP") every process runs every
     Fisher batch (``stage.batches`` gives them all there), so FSDP's average of the processes' equal
@@ -76,6 +84,8 @@ class EWC(Strategy):
 
     name = "ewc"
     handles_shards = True  # FSDP: see the class docstring
+    adapter_modes = ("continue",)
+    adapter_refusal = "under adapter={adapter} each stage trains a fresh adapter with no Fisher of its own"
 
     def __init__(self, config: EWCConfig | None = None):
         self.config = config or EWCConfig()
@@ -97,6 +107,17 @@ class EWC(Strategy):
                 for a in self.anchors
             ]
             self._device_cache = None
+
+    def before_stage(self, model: nn.Module, stage: StageInfo) -> None:
+        """Refuse a stage whose trained parameters have no anchor (a fresh adapter): it would train as naive."""
+        if not self.anchors or self.config.lam == 0:
+            return
+        trained = [n for n, p in model.named_parameters() if p.requires_grad]
+        if trained and not any(n in a["fisher"] for a in self.anchors for n in trained):
+            raise ContinualFTError(
+                f"strategy=ewc needs adapter=continue: the parameters trained in stage {stage.index + 1} have no "
+                "Fisher of their own (a fresh adapter each stage), so EWC would add nothing"
+            )
 
     def fisher(self, model: nn.Module, stage: StageInfo) -> Tensors:
         """Diagonal empirical Fisher of the trainable parameters on this stage's examples."""
@@ -143,7 +164,7 @@ class EWC(Strategy):
         anchor = {n: local(p).detach().float().cpu().clone() for n, p in model.named_parameters() if n in fisher}
         if self.config.online and self.anchors:
             old, gamma = self.anchors[0], self.config.gamma
-            # A parameter not trainable now (an earlier adapter under adapter=new) keeps its decayed entry.
+            # A parameter anchored before but not trained now (none under adapter=continue) keeps its decayed entry.
             for n, f in old["fisher"].items():
                 fisher[n] = gamma * f + fisher[n] if n in fisher else gamma * f
                 anchor.setdefault(n, old["anchor"][n])

@@ -9,8 +9,9 @@ Under FSDP2 the parameters are DTensor shards and each FSDP unit all-gathers its
 own shards at its forward, so a swapped-in parameter would not be the one used: the teacher's rows
 are copied into the shards for the teacher's forward and the student's copied back after (before
 the step's backward gathers them again). Its gradient goes through the model, averaged by FSDP as
-the loss's is. Every rank runs a teacher forward at every penalty, with or without answer rows:
-each forward all-gathers, and the ranks must join the same ones.
+the loss's is. Every rank runs a teacher forward at every penalty, with or without rows to distil
+(its share of the global batch may hold none of the chosen rows, or no answer rows): each forward
+all-gathers, and the ranks must join the same ones.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.func import functional_call
 
+from continual_ft.adapters import evaluated_adapter, only_adapter
 from continual_ft.errors import ContinualFTError
 from continual_ft.losses import answer_logits, model_inputs
 from continual_ft.strategies.base import StageInfo, Strategy
@@ -37,7 +39,7 @@ class LwFConfig:
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature T of teacher and student"})
     fraction: float = field(
         default=0.5,
-        metadata={"help": "share of each batch's examples distilled (the teacher's forward on them is LwF's cost)"},
+        metadata={"help": "share of each global batch's examples distilled (the teacher's forward is LwF's cost)"},
     )
 
     def __post_init__(self):
@@ -53,6 +55,25 @@ def spread_rows(n: int, fraction: float) -> torch.Tensor:
     """Indices of ``ceil(fraction · n)`` of ``n`` rows, evenly spaced (first and last included)."""
     k = max(1, math.ceil(fraction * n - 1e-9))
     return torch.linspace(0, n - 1, k).round().long()
+
+
+def distilled_rows(batch: dict, fraction: float) -> tuple[torch.Tensor, int, int]:
+    """The rows of ``batch`` to distil, the answer-token count of every row distilled in the global batch, and
+    the global batch's answer-token count.
+
+    The rows are ``fraction`` of the global batch's, evenly spaced (:func:`spread_rows`), as one process
+    holding all of it would choose them. A batch that is a process's share of it (or a part cut to a token
+    budget) says where its rows sit in it (``global_rows``, ``global_answer_tokens``:
+    :func:`continual_ft.batching.in_global_batch`) and gets those of its rows that were chosen, possibly
+    none; a batch without them is its own global batch. A packed batch is one row: distilled whole.
+    """
+    own = (batch["labels"] != -100).sum(-1).tolist()
+    if batch.get("packed"):
+        return torch.zeros(1, dtype=torch.long), sum(own), sum(own)
+    mine, lengths = batch.get("global_rows", range(len(own))), batch.get("global_answer_tokens", own)
+    chosen = set(spread_rows(len(lengths), fraction).tolist())
+    rows = torch.tensor([i for i, g in enumerate(mine) if g in chosen], dtype=torch.long)
+    return rows, sum(lengths[g] for g in chosen), sum(lengths)
 
 
 def select_rows(batch: dict, rows: torch.Tensor) -> dict:
@@ -77,7 +98,7 @@ class LwF(Strategy):
 
         L = L_task + λ · T² · mean_answer_tokens KL( softmax(z_teacher / T) ‖ softmax(z_student / T) )
 
-    over the answer positions (labels != -100) of ``fraction`` of the batch's rows, the full
+    over the answer positions (labels != -100) of ``fraction`` of the global batch's rows, the full
     vocabulary at each. T² keeps the gradient scale independent of T (Hinton et al. 2015). Stage 0
     has no teacher: no penalty.
 
@@ -86,6 +107,14 @@ class LwF(Strategy):
     evenly spaced over the length-sorted batch) keeps it ≈1.25x. The batch mean of the KL is then
     an estimate over half the rows, which are shuffled anew every epoch.
 
+    The rows are chosen from the step's global batch and the mean is over their answer tokens, however
+    the batch is cut: over N processes (a strided share each) or into parts of ``train.micro_tokens``,
+    each part distils its rows of that one choice and divides its KL sum by the whole choice's token
+    count (:func:`distilled_rows`), so the step is the one process's on the whole batch
+    (tests/test_lwf_global_rows.py; 2 processes at the default fraction: tests/test_distributed_run.py,
+    tests/test_fsdp_strategies.py). A loop that hands over plain batches (the HF ``Trainer``, a
+    hand-written loop) makes each batch its own global batch.
+
     The snapshot covers exactly the parameters that train in this stage, taken in ``before_stage``,
     i.e. after the adapter for the stage is set up and before any step:
 
@@ -93,6 +122,12 @@ class LwF(Strategy):
     * ``adapter=new``/``stack``: the earlier adapters are frozen, so they are the same in teacher and
       student; the new adapter starts with B = 0, so the snapshot (that fresh adapter) makes the
       teacher compute exactly what the previous stage's model computed.
+    * ``adapter=merge``: the fresh adapter (B = 0) on the base merged through the previous stage: the
+      model evaluated after it, as under ``new``.
+    * ``adapter=merge_final``: the fresh adapter trains from the base alone, so a snapshot of it would
+      teach the base model. The teacher is instead the combination ``merged`` of the earlier stages,
+      the model evaluated after the previous stage, which the model keeps inactive during the stage
+      (:func:`continual_ft.adapters.evaluated_adapter`): its forward runs with that adapter alone.
     """
 
     name = "lwf"
@@ -102,24 +137,35 @@ class LwF(Strategy):
         self.config = config or LwFConfig()
         self.teacher: dict[str, torch.Tensor] | None = None  # parameter name -> snapshot
         self._sharded = False  # FSDP: the snapshot is this rank's rows (DTensor shards)
+        self._adapter: str | None = None  # merge_final: the adapter that alone is the teacher (no snapshot)
 
     def before_stage(self, model: nn.Module, stage: StageInfo) -> None:
+        self._adapter = None
         if stage.index == 0:
             self.teacher = None
+            return
+        self._adapter = evaluated_adapter(model)
+        if self._adapter is not None:  # merge_final: the teacher is an adapter the model holds, not a snapshot
+            self.teacher, self._sharded = {}, False
             return
         self.teacher = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         self._sharded = any(isinstance(t, DTensor) for t in self.teacher.values())
 
     def after_stage(self, model: nn.Module, stage: StageInfo) -> None:
         self.teacher = None  # the next stage snapshots afresh; no need to hold memory in between
+        self._adapter = None
 
     @torch.no_grad()
     def teacher_logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        """The teacher's logits for ``batch``: the model's forward with the snapshot swapped in."""
+        """The teacher's logits for ``batch``: the model's forward with the snapshot swapped in (under
+        ``merge_final``, with the earlier stages' combined adapter alone active)."""
         was_training = model.training
         model.eval()  # a deterministic teacher: no LoRA dropout
         try:
-            if self._sharded:
+            if self._adapter is not None:
+                with only_adapter(model, self._adapter):
+                    out = model(**model_inputs(batch))
+            elif self._sharded:
                 out = self._forward_in_place(model, batch)
             else:
                 out = functional_call(model, self.teacher, args=(), kwargs=model_inputs(batch), strict=False)
@@ -147,11 +193,10 @@ class LwF(Strategy):
     def penalty(self, model: nn.Module, batch: dict, outputs) -> torch.Tensor | None:
         if self.teacher is None or self.config.alpha == 0:
             return None
-        # A packed batch is one row: it is distilled whole, whatever the fraction.
-        rows = spread_rows(batch["input_ids"].shape[0], self.config.fraction)
-        sub = select_rows(batch, rows)
+        rows, distilled, answers = distilled_rows(batch, self.config.fraction)
+        sub = select_rows(batch, rows if len(rows) else torch.zeros(1, dtype=torch.long))
         mask = sub["labels"] != -100
-        if not mask.any():
+        if not len(rows) or not mask.any():
             if self._sharded:  # FSDP: the other ranks' teacher forwards all-gather, this rank must join them
                 self.teacher_logits(model, sub)
             return None
@@ -160,4 +205,8 @@ class LwF(Strategy):
         student = answer_logits(outputs, batch)[rows.to(outputs.logits.device)][mask].float() / T  # (tokens, vocab)
         teacher = answer_logits(self.teacher_logits(model, sub), sub)[mask].float() / T
         kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="sum")
-        return self.config.alpha * T * T * kl / mask.sum()
+        # This batch's part of the mean over the global batch's distilled tokens. The trainer weighs a
+        # micro-batch's penalty by its share of the step's answer tokens (n of them); times answers / n, the
+        # parts add up to the global batch's mean, weighted as the whole batch would be (whole: answers = n).
+        n = int((batch["labels"] != -100).sum())
+        return self.config.alpha * T * T * kl / distilled * (answers / n)

@@ -51,7 +51,10 @@ class OLoRA(Strategy):
     """
 
     name = "olora"
-    requires_adapter = ("new", "stack")  # the runner refuses other adapter modes up front
+    adapter_modes = ("new", "stack")
+    adapter_refusal = (
+        "under adapter={adapter} no earlier adapter stays active beside the trained one for it to be orthogonal to"
+    )
 
     def __init__(self, config: OLoRAConfig | None = None):
         self.config = config or OLoRAConfig()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_examples
+from conftest import make_examples, make_stage
 from peft import PeftModel
 from toy import write_toy_scenario
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -14,7 +14,9 @@ from continual_ft.config import LoraConfig, MergeConfig, TrainConfig, make_confi
 from continual_ft.errors import ContinualFTError
 from continual_ft.models import load_model
 from continual_ft.runner import run
-from continual_ft.strategies import STRATEGIES
+from continual_ft.strategies import AGEM, EWC, STRATEGIES, LwF
+from continual_ft.strategies.agem import AGEMConfig
+from continual_ft.strategies.ewc import EWCConfig
 from continual_ft.trainer import train_stage
 
 IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -96,7 +98,7 @@ def test_merge_final_trains_each_adapter_alone_and_cat_sums_them(tmp_path):
     only_first = _logits(model)
     model = finish_stage(model, "merge_final", 0, tmp_path, MergeConfig(method="cat")).model
     model = start_stage(model, "merge_final", 1, LoraConfig(r=4))
-    assert model.base_model.active_adapters == ["stage2"] and "merged" not in model.peft_config
+    assert model.base_model.active_adapters == ["stage2"] and adapters.evaluated_adapter(model) == "merged"
     trainable = {n.split(".lora_")[1].split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"stage2"}
     base_logits = _logits(load_model("tiny", seed=0)[0])
@@ -226,11 +228,206 @@ def test_saved_results_load_with_plain_peft_and_transformers(adapter, tmp_path, 
         assert serving == [0, 0]
 
 
-@pytest.mark.parametrize("adapter", ["merge", "merge_final"])
-def test_strategy_hooks_run_under_merging_modes(adapter, tmp_path):
-    results, _ = _toy_run(tmp_path, adapter, "strategy=lwf+ewc+replay", "ewc.fisher_batches=1")
-    assert results.data["complete"] and len(results.data["stage_stats"]) == 2
-    assert (results.run_dir / "strategy_state" / "stage2" / "state.json").exists()  # continual_ft._state.save_tree
+def _spy(monkeypatch, cls, name, record):
+    """Wrap ``cls.name`` so that ``record(self, *args, result)`` sees every call (the method still runs)."""
+    original = getattr(cls, name)
+
+    def wrapped(self, *args):
+        result = original(self, *args)
+        record(self, *args, result)
+        return result
+
+    monkeypatch.setattr(cls, name, wrapped)
+
+
+@pytest.mark.parametrize("adapter", ["continue", "stack", "merge", "merge_final"])
+def test_lwf_teacher_is_the_model_evaluated_after_the_previous_stage(adapter, tmp_path, monkeypatch):
+    """In a run, every stage-2 teacher forward gives the logits of the model the runner evaluated after
+    stage 1, while the student has moved away from it (merge_final: the combination, not the base)."""
+    seen = {"teacher": [], "student": []}
+
+    finish_stage = adapters.finish_stage
+
+    def evaluated(model, mode, stage, *args, **kwargs):
+        out = finish_stage(model, mode, stage, *args, **kwargs)
+        if stage == 0:
+            seen["evaluated"] = _logits(out.model)
+        return out
+
+    def distilled(lwf, model, batch, outputs, result):
+        if lwf.teacher is not None:
+            ids = IDS.to(next(model.parameters()).device)
+            seen["teacher"].append(lwf.teacher_logits(model, {"input_ids": ids}).cpu())
+            seen["student"].append(_logits(model))
+            model.train()
+
+    monkeypatch.setattr(adapters, "finish_stage", evaluated)
+    _spy(monkeypatch, LwF, "penalty", distilled)
+    results, _ = _toy_run(tmp_path, adapter, "strategy=lwf", "lwf.fraction=1", "method=cat", "train.warmup_steps=0")
+    assert results.data["stage_stats"][1]["penalty"] > 0
+    assert len(seen["teacher"]) == 2  # both steps of stage 2 (train.max_steps=2)
+    for teacher in seen["teacher"]:
+        torch.testing.assert_close(teacher, seen["evaluated"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(seen["student"][-1], seen["evaluated"], atol=1e-5)  # one step moved the student
+    if adapter == "merge_final":  # a resumed run rebuilds the same teacher from the saved stage adapters
+        model = adapters.restore(
+            load_model("tiny", seed=0)[0], adapter, 1, results.run_dir, LoraConfig(), MergeConfig()
+        )
+        model = start_stage(model, adapter, 1, LoraConfig())
+        with adapters.only_adapter(model, adapters.evaluated_adapter(model)):
+            torch.testing.assert_close(_logits(model), seen["evaluated"], atol=1e-5, rtol=1e-5)
+
+
+def test_the_teacher_forward_leaves_the_trained_adapter_as_it_was(tmp_path):
+    model, _ = load_model("tiny", seed=0)
+    model = start_stage(model, "merge_final", 0, LoraConfig(r=4))
+    _perturb(model, seed=1)
+    combined = _logits(finish_stage(model, "merge_final", 0, tmp_path, MergeConfig()).model)
+    model = start_stage(model, "merge_final", 1, LoraConfig(r=4))
+    _perturb(model, seed=2)
+    student = _logits(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with adapters.only_adapter(model, "merged"):
+        torch.testing.assert_close(_logits(model), combined)
+    assert model.base_model.active_adapters == ["stage2"]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(_logits(model), student)
+
+
+def test_ewc_penalty_and_its_gradient_reach_the_trained_adapter_in_stage_two(tmp_path, monkeypatch):
+    """adapter=continue, the one mode EWC acts in: the penalty is > 0 once stage 2 moved the adapter,
+    and its gradient reaches the A and B of the adapter that trains."""
+    seen = []
+
+    def record(ewc, model, batch, outputs, value):
+        if value is not None:
+            trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            grads = torch.autograd.grad(value, list(trained.values()), retain_graph=True, allow_unused=True)
+            seen.append((float(value.detach()), dict(zip(trained, grads))))
+
+    _spy(monkeypatch, EWC, "penalty", record)
+    results, _ = _toy_run(tmp_path, "continue", "strategy=ewc", "ewc.fisher_batches=1", "train.warmup_steps=0")
+    assert results.data["stage_stats"][0]["penalty"] is None and results.data["stage_stats"][1]["penalty"] > 0
+    value, grads = seen[-1]  # step 2 of stage 2: the first step moved the adapter off its anchor
+    assert value > 0 and grads and all(".default." in n for n in grads)
+    for part in ("lora_A", "lora_B"):
+        assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if part in n), part
+
+
+def test_ewc_refuses_a_fresh_adapter_in_a_loop_that_skips_the_run_checks():
+    model, tok = load_model("tiny", seed=0)
+    model = start_stage(model, "stack", 0, LoraConfig(r=4))
+    _perturb(model)
+    ewc = EWC(EWCConfig(fisher_batches=1))
+    ewc.after_stage(model, make_stage(model, tok, 0, make_examples("a", 8)))
+    assert ewc.anchors
+    model = start_stage(model, "stack", 1, LoraConfig(r=4))
+    with pytest.raises(
+        ContinualFTError, match="^strategy=ewc needs adapter=continue: the parameters trained in stage 2"
+    ):
+        ewc.before_stage(model, make_stage(model, tok, 1, make_examples("b", 8)))
+
+
+def _memory_gradient(model, stage, examples, params):
+    model.eval()
+    grads, tokens = [], 0
+    for batch in stage.batches(examples):
+        n = int((batch["labels"] != -100).sum())
+        grads.append(n * torch.cat([g.reshape(-1) for g in torch.autograd.grad(stage.loss_fn(model, batch), params)]))
+        tokens += n
+    model.train()
+    return sum(grads) / tokens
+
+
+@pytest.mark.parametrize("adapter", ["continue", "stack", "merge"])
+def test_agem_projects_the_trained_adapter_against_the_evaluated_models_memory(adapter, tmp_path):
+    """Stage 2 starts as the model evaluated after stage 1, so A-GEM's reference gradient is that model's
+    memory gradient with respect to the adapter that trains; a step against it is projected."""
+    model, tok = load_model("tiny", seed=0)
+    model = start_stage(model, adapter, 0, LoraConfig(r=4))
+    _perturb(model)
+    first = make_examples("a", 8)
+    agem = AGEM(AGEMConfig(memory_size=8, reference_batch=8))
+    agem.after_stage(model, make_stage(model, tok, 0, first))
+    out = finish_stage(model, adapter, 0, tmp_path, MergeConfig())
+    evaluated = _logits(out.model)
+    model = start_stage(out.model, adapter, 1, LoraConfig(r=4))
+    torch.testing.assert_close(_logits(model), evaluated)
+    stage = make_stage(model, tok, 1, make_examples("b", 8))
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = _memory_gradient(model, stage, first, params)
+    assert ref.norm() > 0
+    g = -ref + 0.5 * ref.norm() * torch.nn.functional.normalize(torch.randn(ref.shape), dim=0)
+    offset = 0
+    for p in params:
+        p.grad = g[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    agem.after_backward(model, stage, step=1)
+    after = torch.cat([p.grad.reshape(-1) for p in params])
+    assert agem.projected == 1 and abs(torch.dot(after, ref)) < 1e-4 * after.norm() * ref.norm()
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+# Every strategy in every adapter mode where it would do nothing of its own, and the line that stops it.
+REFUSED = (
+    {
+        ("ewc", mode): f"strategy=ewc needs adapter=continue: under adapter={mode} each stage trains a fresh adapter "
+        "with no Fisher of its own"
+        for mode in ("new", "stack", "merge", "merge_final")
+    }
+    | {
+        ("olora", mode): f"strategy=olora needs adapter=new or stack: under adapter={mode} no earlier adapter stays "
+        "active beside the trained one for it to be orthogonal to"
+        for mode in ("continue", "merge", "merge_final")
+    }
+    | {
+        ("agem", "merge_final"): "strategy=agem needs adapter=continue, new, stack or merge: under adapter=merge_final "
+        "each stage trains a fresh adapter from the base model alone, so the memory's gradient would be the base "
+        "model's, not that of the evaluated combination of the earlier stages"
+    }
+)
+
+
+def test_every_strategy_runs_in_every_adapter_mode_but_the_refused_ones():
+    from continual_ft.checks import check_config
+
+    for name in STRATEGIES:
+        for mode in adapters.ADAPTER_MODES:
+            config = make_config([f"strategy={name}", f"adapter={mode}", "model=tiny"], tuple(STRATEGIES))
+            if (name, mode) in REFUSED:
+                with pytest.raises(ContinualFTError) as e:
+                    check_config(config)
+                assert str(e.value) == REFUSED[name, mode]
+            else:
+                check_config(config)
+
+
+@pytest.mark.parametrize("strategy, adapter", sorted(REFUSED))
+def test_a_refused_pair_stops_the_run_before_anything_is_written(strategy, adapter, tmp_path):
+    with pytest.raises(ContinualFTError) as e:
+        _toy_run(tmp_path, adapter, f"strategy={strategy}")
+    assert str(e.value) == REFUSED[strategy, adapter] and "\n" not in str(e.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_cli_refuses_ewc_under_stack_in_one_line(tmp_path, capsys):
+    from continual_ft.cli import main
+
+    scenario = write_toy_scenario(tmp_path / "data")
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "run",
+                f"scenario={scenario}",
+                "model=tiny",
+                "strategy=ewc",
+                "adapter=stack",
+                f"output_dir={tmp_path / 'runs'}",
+            ]
+        )
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {REFUSED['ewc', 'stack']}\n"
+    assert not (tmp_path / "runs").exists()
 
 
 def test_method_is_shorthand_for_merge_method():
@@ -264,3 +461,32 @@ def test_list_shows_every_adapter_mode_and_merge_method(capsys):
     out = capsys.readouterr().out
     for name in [*adapters.ADAPTER_MODES, *MERGE_METHODS]:
         assert f"  {name} " in out, name
+
+
+# Avalanche's own strategies: its regularizers key their importances by parameter name (naive under a fresh
+# adapter per stage), its LwF and A-GEM read the model that trains (under merge_final, not the evaluated one).
+AVALANCHE_MODES = {
+    "avalanche:naive": None,
+    "avalanche:replay": None,
+    "avalanche:cumulative": None,
+    "avalanche:ewc": ("continue",),
+    "avalanche:si": ("continue",),
+    "avalanche:mas": ("continue",),
+    "avalanche:lwf": ("continue", "new", "stack", "merge"),
+    "avalanche:agem": ("continue", "new", "stack", "merge"),
+}
+
+
+def test_avalanche_strategies_are_refused_where_they_would_do_nothing_of_their_own():
+    from continual_ft.checks import check_adapter
+    from continual_ft.strategies import AVALANCHE_STRATEGIES, build
+
+    assert set(AVALANCHE_MODES) == set(AVALANCHE_STRATEGIES)
+    for name, modes in AVALANCHE_MODES.items():
+        (strategy,) = build(name)
+        for mode in adapters.ADAPTER_MODES:
+            if modes is None or mode in modes:
+                check_adapter(strategy, mode)
+                continue
+            with pytest.raises(ContinualFTError, match=rf"^strategy={name} needs adapter=.*under adapter={mode} "):
+                check_adapter(strategy, mode)

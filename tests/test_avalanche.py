@@ -6,6 +6,8 @@ makes ``.venv-avalanche``, and ``scripts/test.sh`` runs this file there.
 """
 
 import json
+import warnings
+from collections import Counter
 
 import pytest
 
@@ -17,6 +19,8 @@ from avalanche.evaluation.metrics import BWT, Forgetting  # noqa: E402
 from avalanche.training import Naive  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 from avalanche.training.plugins.ewc import EWCPlugin  # noqa: E402
+from avalanche.training.templates import SupervisedMetaLearningTemplate  # noqa: E402
+from conftest import make_examples  # noqa: E402
 from toy import write_toy_scenario  # noqa: E402
 
 from continual_ft import metrics  # noqa: E402
@@ -24,20 +28,28 @@ from continual_ft.adapters import start_stage  # noqa: E402
 from continual_ft.batching import Encoder, collate  # noqa: E402
 from continual_ft.checks import check_config  # noqa: E402
 from continual_ft.compare import compare, format_table  # noqa: E402
-from continual_ft.config import LoraConfig, make_config  # noqa: E402
+from continual_ft.config import LoraConfig, TrainConfig, make_config  # noqa: E402
+from continual_ft.data import Example  # noqa: E402
 from continual_ft.errors import ContinualFTError  # noqa: E402
 from continual_ft.integrations.avalanche import (  # noqa: E402
     CausalLMClassifier,
     StrategyPlugin,
     benchmark,
+    experience,
+    run_experience,
 )
 from continual_ft.losses import mean_token_loss  # noqa: E402
 from continual_ft.models import load_model  # noqa: E402
 from continual_ft.scenario import load_scenario  # noqa: E402
-from continual_ft.strategies import build, strategy_names  # noqa: E402
+from continual_ft.strategies import STRATEGIES, Strategy, build, strategy_names  # noqa: E402
+from continual_ft.strategies.agem import AGEM, AGEMConfig  # noqa: E402
 from continual_ft.strategies.ewc import EWC, EWCConfig  # noqa: E402
+from continual_ft.strategies.joint import Joint  # noqa: E402
 from continual_ft.strategies.lwf import LwF  # noqa: E402
+from continual_ft.strategies.olora import OLoRA  # noqa: E402
 from continual_ft.strategies.replay import Replay, ReplayConfig  # noqa: E402
+from continual_ft.strategies.ssr import SSR, SSRConfig  # noqa: E402
+from continual_ft.strategies.task_balanced import TaskBalanced, TaskBalancedConfig  # noqa: E402
 
 TRAIN, TEST = 16, 6
 
@@ -189,13 +201,18 @@ class _LossProbe(SupervisedPlugin):
         self.extra.append(float(strategy.loss) - float(strategy._criterion(strategy.mb_output, strategy.mb_y)))
 
 
-def test_avalanche_strategies_refuse_what_their_loop_cannot_do():
+def test_avalanche_strategies_refuse_what_their_loop_cannot_do(monkeypatch):
     def check(*overrides):
         check_config(make_config(list(overrides), strategy_names()))
 
     check("strategy=avalanche:replay", "avalanche:replay.mem_size=50")
-    with pytest.raises(ContinualFTError, match="runs alone"):
-        check("strategy=avalanche:ewc+replay")
+    for combined in ("avalanche:ewc+replay", "agem+avalanche:naive"):  # Avalanche's loop would call none of our hooks
+        with pytest.raises(ContinualFTError, match=r"strategy=avalanche:\w+ runs alone"):
+            check(f"strategy={combined}")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun and accelerate launch set it
+    with pytest.raises(ContinualFTError, match="strategy=avalanche:naive runs in one process"):
+        check("strategy=avalanche:naive")
+    monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(ContinualFTError, match="no train.packing"):
         check("strategy=avalanche:naive", "train.packing=true")
     with pytest.raises(ContinualFTError, match="no train.checkpoint_every"):
@@ -262,6 +279,314 @@ def test_our_lwf_as_a_plugin_distils_in_the_second_experience(toy, lm_and_encode
         probe.extra.clear()
         strategy.train(exp)
     assert max(probe.extra) > 0  # the student moved away from the teacher (the model after experience 1)
+
+
+def _flipped(examples: list[Example]) -> list[Example]:
+    """The same prompts with the other answer: a stage that contradicts ``examples``."""
+    return [Example("b", e.prompt, "no" if e.answer == "yes" else "yes", f"{e.group}b") for e in examples]
+
+
+def _flat_grad(params) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1).float() for p in params])
+
+
+class _GradProbe(SupervisedPlugin):
+    """At after_backward, the trainable gradient (flattened): placed after StrategyPlugin, what our after_backward
+    left. Given ``memory`` (and placed before StrategyPlugin), it first computes g_ref, the gradient of the mean
+    answer-token loss over those examples at the step's weights (eval mode, ``autograd.grad``: no ``.grad``
+    touched), and sets the step's gradient to g = ±g_ref + noise of half its norm: against the memory on odd
+    steps, along it on even ones."""
+
+    def __init__(self, params, memory=(), stage=None):
+        super().__init__()
+        self.params, self.memory, self.stage = params, list(memory), stage
+        self.grads, self.refs = [], []
+
+    def after_backward(self, strategy, **kwargs):
+        if self.memory:
+            stage, model = self.stage(), strategy.model.lm
+            model.eval()
+            ref, tokens = torch.zeros_like(_flat_grad(self.params)), 0
+            for batch in stage.batches(self.memory):
+                n = int((batch["labels"] != -100).sum())
+                grads = torch.autograd.grad(stage.loss_fn(model, batch), self.params)
+                ref, tokens = ref + n * torch.cat([g.reshape(-1).float() for g in grads]), tokens + n
+            model.train()
+            ref = ref / tokens
+            noise = torch.randn(ref.shape, generator=torch.Generator().manual_seed(len(self.refs)))
+            sign = -1.0 if len(self.refs) % 2 == 0 else 1.0
+            g = sign * ref + 0.5 * ref.norm() * noise / noise.norm()
+            offset = 0
+            for p in self.params:
+                p.grad.copy_(g[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+            self.refs.append(ref)
+        self.grads.append(_flat_grad(self.params))
+
+
+def test_our_agem_as_a_plugin_projects_the_gradient_that_climbs_its_memory(lm_and_encoder):
+    """Experience 1's 8 examples are A-GEM's whole memory (and so every reference batch). In experience 2 the
+    optimizer gets g̃ = g − (g·g_ref / g_ref·g_ref) g_ref where g·g_ref < 0 (step 1, set so by the probe), and g
+    itself, bit for bit, where g·g_ref > 0 (step 2)."""
+    lm, encoder = lm_and_encoder
+    with torch.no_grad():  # B = 0 at init would leave A without gradient
+        for n, p in lm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    first = make_examples("a", 8)
+    agem = AGEM(AGEMConfig(memory_size=8, reference_batch=8))
+    plugin = StrategyPlugin(agem, encoder, batch_size=4)
+    params = [p for p in lm.parameters() if p.requires_grad]
+    after = _GradProbe(params)
+    strategy = _naive(lm, [plugin, after])
+    ids = {"a": 0, "b": 1}
+    strategy.train(experience(first, encoder, ids, 0), eval_streams=[])
+    assert sorted(agem.memory.buffer, key=str) == sorted(first, key=str) and agem.steps == 0  # nothing to consult
+    before = _GradProbe(params, first, lambda: plugin.stage)
+    strategy.plugins.insert(strategy.plugins.index(plugin), before)
+    after.grads.clear()
+    strategy.train(experience(_flipped(first), encoder, ids, 1), eval_streams=[])
+    (g1, g2), (ref1, ref2), (out1, out2) = before.grads, before.refs, after.grads
+    assert torch.dot(g1, ref1) < 0 and torch.dot(g2, ref2) > 0
+    torch.testing.assert_close(out1, g1 - torch.dot(g1, ref1) / torch.dot(ref1, ref1) * ref1, rtol=1e-4, atol=1e-6)
+    assert abs(torch.dot(out1, ref1)) < 1e-4 * out1.norm() * ref1.norm()  # to first order, the memory's loss stays
+    assert torch.equal(out2, g2)
+    assert (agem.steps, agem.projected) == (2, 1) and plugin.stats()["agem"]["projected_share"] == 0.5
+
+
+class _Recorder(Strategy):
+    """Every hook of the protocol, recorded; ``zero`` zeroes the step's gradient in after_backward."""
+
+    name = "recorder"
+
+    def __init__(self, zero: bool = False):
+        self.calls, self.zero, self.loaded = [], zero, None
+
+    def train_data(self, stage, examples):
+        self.calls.append(f"train_data {stage.index}")
+        return examples
+
+    def before_stage(self, model, stage):
+        self.calls.append(f"before_stage {stage.index}")
+
+    def penalty(self, model, batch, outputs):
+        self.calls.append("penalty")
+        return None
+
+    def after_backward(self, model, stage, step):
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads) and stage is not None
+        self.calls.append(f"after_backward {step}")
+        if self.zero:
+            for g in grads:
+                g.zero_()
+
+    def after_stage(self, model, stage):
+        self.calls.append(f"after_stage {stage.index}")
+
+    def state_dict(self):
+        return {"calls": list(self.calls)}
+
+    def load_state_dict(self, state):
+        self.loaded = state
+
+    def stats(self):
+        return {"calls": float(len(self.calls))}
+
+
+class _Updates(SupervisedPlugin):
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def after_update(self, strategy, **kwargs):
+        self.calls.append("update")
+
+
+def _two_experiences(lm, encoder, recorder, monkeypatch):
+    """Two 8-example experiences, 2 steps each, through run_experience (our schedule and clipping); clipping
+    and optimizer steps are recorded among the recorder's calls."""
+    real = torch.nn.utils.clip_grad_norm_
+
+    def clip(*args, **kwargs):
+        recorder.calls.append("clip")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    plugin = StrategyPlugin(recorder, encoder, batch_size=4)
+    strategy = _naive(lm, [plugin, _Updates(recorder.calls)])
+    cfg = TrainConfig(lr=1e-2, batch_size=4, warmup_steps=0, weight_decay=0.0, max_steps=2)
+    first = make_examples("a", 8)
+    for i, examples in enumerate([first, _flipped(first)]):
+        run_experience(strategy, experience(examples, encoder, {"a": 0, "b": 1}, i), cfg)
+    return plugin
+
+
+def test_the_plugin_fires_every_hook_and_after_backward_once_per_step_before_clipping(lm_and_encoder, monkeypatch):
+    lm, encoder = lm_and_encoder
+    recorder = _Recorder()
+    plugin = _two_experiences(lm, encoder, recorder, monkeypatch)
+    step = ["penalty", "after_backward {}", "clip", "update"]
+    expected = []
+    for i in (0, 1):
+        expected += [f"train_data {i}", f"before_stage {i}", *[c.format(k) for k in (1, 2) for c in step]]
+        expected.append(f"after_stage {i}")
+    assert recorder.calls == expected
+    state = plugin.state_dict()
+    assert state == {"recorder": {"calls": expected}}
+    assert plugin.stats() == {"recorder": {"calls": float(len(expected))}}
+    fresh = StrategyPlugin(_Recorder(), encoder)
+    fresh.load_state_dict(state)
+    assert fresh.strategies[0].loaded == {"calls": expected}
+
+
+def test_the_optimizer_steps_with_the_gradient_after_backward_left(lm_and_encoder, monkeypatch):
+    """The hook zeroes every gradient: AdamW (no weight decay) must then leave the weights as they were."""
+    lm, encoder = lm_and_encoder
+    start = {n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}
+    recorder = _Recorder(zero=True)
+    _two_experiences(lm, encoder, recorder, monkeypatch)
+    assert recorder.calls.count("update") == 4
+    assert all(torch.equal(p, start[n]) for n, p in lm.named_parameters() if p.requires_grad)
+
+
+def test_our_replay_state_round_trips_through_the_plugin(toy, lm_and_encoder):
+    lm, encoder = lm_and_encoder
+    plugin = StrategyPlugin(Replay(ReplayConfig(buffer_size=6)), encoder, batch_size=4)
+    _naive(lm, [plugin]).train(next(iter(benchmark(load_scenario(str(toy)), encoder).train_stream)))
+    restored = StrategyPlugin(Replay(ReplayConfig(buffer_size=6)), encoder)
+    restored.load_state_dict(plugin.state_dict())
+    assert len(plugin.strategies[0].buffer) == 6 and restored.strategies[0].buffer == plugin.strategies[0].buffer
+    assert restored.stats()["replay"]["buffer_size"] == 6
+
+
+def _trained_on(lm, encoder, strategy, stages: list[list[Example]]) -> list[list[Example]]:
+    """Train one experience per list of examples with ``strategy`` in the plugin; what each experience trained on."""
+    recorded = []
+
+    class DataProbe(SupervisedPlugin):
+        def before_training_exp(self, strategy, **kwargs):
+            data = strategy.adapted_dataset
+            recorded.append([data[k]["example"] for k in range(len(data))])
+
+    template = _naive(lm, [StrategyPlugin(strategy, encoder, batch_size=4), DataProbe()])
+    ids = {}
+    for i, examples in enumerate(stages):
+        ids.update({e.task: len(ids) for e in examples if e.task not in ids})
+        template.train(experience(examples, encoder, ids, i), eval_streams=[])
+    return recorded
+
+
+def test_our_joint_as_a_plugin_trains_on_every_experience_so_far(lm_and_encoder):
+    first = make_examples("a", 8)
+    second = _flipped(first)
+    one, two = _trained_on(*lm_and_encoder, Joint(), [first, second])
+    assert sorted(one, key=str) == sorted(first, key=str)
+    assert len(two) == 16 and set(two) == set(first) | set(second)  # D_1 ∪ D_2
+
+
+def test_our_task_balanced_as_a_plugin_gives_each_task_its_share(lm_and_encoder):
+    examples = make_examples("a", 12) + make_examples("b", 4)
+    (data,) = _trained_on(*lm_and_encoder, TaskBalanced(TaskBalancedConfig(temperature=0.0)), [examples])
+    assert Counter(e.task for e in data) == {"a": 8, "b": 8}  # temperature 0: an equal share per task, 16 in all
+    assert set(data) <= set(examples)
+
+
+def test_our_ssr_as_a_plugin_rehearses_what_it_wrote_after_the_first_experience(lm_and_encoder):
+    ssr = SSR(SSRConfig(per_task=6, demos=3, max_new_tokens=12, known_answers=False))
+    first = make_examples("a", 8)
+    one, two = _trained_on(*lm_and_encoder, ssr, [first, make_examples("b", 8)])
+    assert ssr.synthetic["a"] and {e.task for e in ssr.synthetic["a"]} == {"a"}  # written in after_stage
+    rehearsed = [e for e in two if e.task == "a"]
+    assert len(two) == 8 + len(rehearsed) and rehearsed and set(rehearsed) <= set(ssr.synthetic["a"])
+    assert not set(rehearsed) & set(first)  # the model's own examples, not experience 1's
+
+
+def test_our_olora_in_the_plugin_stops_at_the_second_experience_over_one_adapter(lm_and_encoder):
+    """As in every loop that trains one adapter: O-LoRA's before_stage refuses before experience 2's first step."""
+    lm, encoder = lm_and_encoder
+    first = make_examples("a", 8)
+    with pytest.raises(ContinualFTError, match=r"olora needs a new adapter per stage \(adapter=new or stack\)"):
+        _trained_on(lm, encoder, OLoRA(), [first, _flipped(first)])
+
+
+HOOKS = ("train_data", "before_stage", "penalty", "after_backward", "after_stage", "state_dict", "load_state_dict")
+
+#: Each of our strategies -> the test of what it does inside StrategyPlugin.
+PLUGIN_TESTS = {
+    "naive": "test_every_strategy_has_a_plugin_test",  # overrides no hook: nothing to call
+    "replay": "test_our_replay_as_a_plugin_mixes_earlier_task_examples_into_the_data",
+    "ewc": "test_our_ewc_as_a_plugin_adds_its_penalty_after_the_first_experience",
+    "lwf": "test_our_lwf_as_a_plugin_distils_in_the_second_experience",
+    "agem": "test_our_agem_as_a_plugin_projects_the_gradient_that_climbs_its_memory",
+    "joint": "test_our_joint_as_a_plugin_trains_on_every_experience_so_far",
+    "task_balanced": "test_our_task_balanced_as_a_plugin_gives_each_task_its_share",
+    "ssr": "test_our_ssr_as_a_plugin_rehearses_what_it_wrote_after_the_first_experience",
+    "olora": "test_our_olora_in_the_plugin_stops_at_the_second_experience_over_one_adapter",
+}
+
+
+def test_every_strategy_has_a_plugin_test():
+    assert sorted(PLUGIN_TESTS) == sorted(STRATEGIES), "add a row to PLUGIN_TESTS (and its test)"
+    assert all(callable(globals().get(name)) for name in PLUGIN_TESTS.values())
+    (naive,) = build("naive")
+    assert all(getattr(type(naive), h) is getattr(Strategy, h) for h in HOOKS)
+
+
+class _NoUpdate(SupervisedMetaLearningTemplate):
+    """A meta-learning template (inner and outer updates, no backward callbacks) that updates nothing."""
+
+    def _inner_updates(self, **kwargs):
+        pass
+
+    def _outer_update(self, **kwargs):
+        pass
+
+
+def test_the_plugin_refuses_what_the_loop_cannot_call_before_training(toy, lm_and_encoder, monkeypatch):
+    lm, encoder = lm_and_encoder
+    exp = next(iter(benchmark(load_scenario(str(toy)), encoder).train_stream))
+    (avalanche_ewc,) = build("avalanche:ewc")
+    with pytest.raises(ContinualFTError, match=r"strategy=avalanche:ewc is Avalanche's own loop, not hooks"):
+        StrategyPlugin([Replay(), avalanche_ewc], encoder)
+
+    def meta(strategy):
+        wrapped = CausalLMClassifier(lm)
+        params = [p for p in wrapped.parameters() if p.requires_grad]
+        with warnings.catch_warnings():  # "No loggers specified": on purpose
+            warnings.simplefilter("ignore")
+            return _NoUpdate(
+                model=wrapped,
+                optimizer=torch.optim.AdamW(params, lr=1e-2),
+                train_mb_size=4,
+                plugins=[StrategyPlugin(strategy, encoder, batch_size=4)],
+                evaluator=EvaluationPlugin(loggers=[]),
+            )
+
+    class Data(Strategy):  # data hooks only
+        name = "data"
+
+        def __init__(self):
+            self.calls = []
+
+        def train_data(self, stage, examples):
+            self.calls.append("train_data")
+            return examples
+
+    for strategy, hook in ((AGEM(), "after_backward"), (EWC(), "penalty")):
+        recorder = Data()
+        template = meta([recorder, strategy])
+        with pytest.raises(ContinualFTError, match=rf"strategy={strategy.name} needs its {hook} hook, which _NoUpdate"):
+            template.train(exp)
+        assert recorder.calls == []  # refused before the first hook
+    replay = Replay(ReplayConfig(buffer_size=4))
+    meta(replay).train(exp)  # data hooks only: it runs there
+    assert len(replay.buffer) == 4
+    from avalanche.distributed import DistributedHelper
+
+    monkeypatch.setattr(type(DistributedHelper), "is_distributed", property(lambda self: True))
+    with pytest.raises(ContinualFTError, match="StrategyPlugin runs in one process"):
+        _naive(lm, [StrategyPlugin(replay, encoder)]).train(exp)
 
 
 # 4. Metrics agree where the definitions do

@@ -6,6 +6,11 @@ same examples' gradients, split over two ranks, so the runs differ only in the o
 (observed 1.2e-6 against entries up to 0.2), and R, argmax choices over 8 test examples per
 task, is equal. The test runs in fp32: under bf16 autocast a shard's padded shape changes the
 rounding of every matmul, and Adam turns that into differences of about 1e-3.
+
+``strategy=replay+ewc+lwf`` with LwF at its default ``fraction`` (0.5): it distils half of the global
+batch's rows, chosen from the global batch, and averages its KL over their answer tokens, so each
+process distils its rows of that choice and the step is the one process's (weights observed 8.5e-7 apart).
+Choosing half of each process's own rows instead (as LwF did before) left them 7e-3 apart.
 """
 
 import json
@@ -29,7 +34,7 @@ def _settings(scenario: Path, batch_size: int, name: str) -> list[str]:
     return [
         f"scenario={scenario}",
         "model=tiny",
-        "strategy=replay+ewc",
+        "strategy=replay+ewc+lwf",  # lwf.fraction left at its default, 0.5
         "replay.buffer_size=8",
         "ewc.fisher_batches=2",
         "train.lr=1e-2",
@@ -85,10 +90,14 @@ def test_only_the_first_process_writes(runs):
 
 
 def test_penalty_and_log_as_one_process(runs):
-    """EWC's penalty, summed over the ranks, is the one process's; rank 0 alone writes log.jsonl."""
+    """EWC's and LwF's penalty, summed over the ranks, is the one process's, and so is each stage's training
+    loss; rank 0 alone writes log.jsonl."""
     one, two = (json.loads((runs / "runs" / name / "results.json").read_text()) for name in ("one", "two"))
+    assert one["stage_stats"][0]["penalty"] is None  # stage 1: no anchor, no teacher
     assert two["stage_stats"][1]["penalty"] > 0
     assert two["stage_stats"][1]["penalty"] == pytest.approx(one["stage_stats"][1]["penalty"], rel=1e-4)
+    for a, b in zip(one["stage_stats"], two["stage_stats"], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
     entries = [json.loads(line) for line in (runs / "runs" / "two" / "log.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in entries if e["kind"] == "step"]
     assert steps == list(range(1, sum(s["steps"] for s in two["stage_stats"]) + 1))  # each step once

@@ -218,6 +218,8 @@ def test_only_the_first_process_writes(runs):
         (["adapter=merge"], "adapter=merge under FSDP"),
         (["strategy=olora", "adapter=new"], "adapter=new under FSDP"),
         (["strategy=avalanche:naive"], "strategy=avalanche:naive under FSDP"),
+        (["strategy=agem"], "strategy=agem under FSDP"),
+        (["strategy=ssr"], "strategy=ssr under FSDP"),
     ],
 )
 def test_what_fsdp_refuses(overrides, message):

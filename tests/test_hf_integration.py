@@ -172,6 +172,25 @@ def test_gradient_hooks_are_refused_over_several_processes(tmp_path, monkeypatch
         ContinualTrainer(model=model, args=_args(tmp_path), strategies=[AGEM()])
 
 
+def test_lwf_choosing_rows_per_process_is_refused_over_several_processes(tmp_path, monkeypatch):
+    from continual_ft.strategies.lwf import LwFConfig
+
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    model, _, _ = _setup()
+    with pytest.raises(ContinualFTError, match="^strategy=lwf with lwf.fraction=0.5 and the HF Trainer over 2"):
+        ContinualTrainer(model=model, args=_args(tmp_path), strategies=[LwF()])
+    ContinualTrainer(model=model, args=_args(tmp_path), strategies=[LwF(LwFConfig(fraction=1.0))])
+
+
+def test_a_strategy_with_a_loop_of_its_own_is_refused(tmp_path):
+    from continual_ft.strategies import build
+
+    model, _, _ = _setup()
+    (avalanche_ewc,) = build("avalanche:ewc")  # trained by Avalanche's loop: every hook of it is a no-op
+    with pytest.raises(ContinualFTError, match="^strategy=avalanche:ewc trains in a loop of its own"):
+        ContinualTrainer(model=model, args=_args(tmp_path), strategies=[avalanche_ewc])
+
+
 def test_lwf_works_inside_the_trainer(tmp_path):
     model, tokenizer, encoder = _setup()
     lwf = LwF()

@@ -196,29 +196,70 @@ def _lm(model: nn.Module) -> nn.Module:
 
 class _StrategyPlugin:
     """One of our strategies (or a list of them) as an Avalanche ``SupervisedPlugin``, so it runs
-    inside any Avalanche strategy. Our hooks map onto Avalanche's callbacks:
+    inside any Avalanche strategy. Every hook of :class:`continual_ft.strategies.Strategy` maps onto
+    Avalanche's callbacks or a method of the plugin:
 
-        train_data(stage, examples)  after_train_dataset_adaptation: replaces strategy.adapted_dataset
-        before_stage(model, stage)   before_training_exp
-        penalty(model, batch, out)   before_backward: strategy.loss += penalty
-        after_stage(model, stage)    after_training_exp (stage.examples: the experience's own data)
+        train_data(stage, examples)         after_train_dataset_adaptation: replaces strategy.adapted_dataset
+        before_stage(model, stage)          before_training_exp
+        penalty(model, batch, out)          before_backward: strategy.loss += penalty
+        after_backward(model, stage, step)  after_backward: Avalanche's SGD loop takes one optimizer step per
+                                            mini-batch, so this is the step's gradient, before before_update
+                                            (where :func:`run_experience` clips) and the optimizer step
+        after_stage(model, stage)           after_training_exp (stage.examples: the experience's own data)
+        state_dict, load_state_dict, stats  the plugin's own, one entry per strategy name, as our runner keeps them
 
-    Our strategies see the language model itself (``CausalLMClassifier.lm``) and the stage's examples,
-    batched by ``encoder`` the way our runner batches them. ``last_penalty``: the latest step's penalty.
+    ``step`` counts the experience's optimizer steps from 1. Our strategies see the language model itself
+    (``CausalLMClassifier.lm``) and the stage's examples, batched by ``encoder`` the way our runner batches
+    them. ``stage.final`` is always False: the plugin cannot know whether another experience follows, so
+    work only later stages use (EWC's Fisher, SSR's writing) runs after the last one too.
+    ``last_penalty``: the latest step's penalty.
+
+    Refused with one line, before anything trains: an ``avalanche:*`` strategy (it brings Avalanche's loop,
+    not hooks), at construction; at ``before_training``, a template whose update is not Avalanche's SGD one
+    (meta-learning's inner and outer updates have no backward callbacks) when a strategy has a ``penalty``
+    or ``after_backward``, and Avalanche's distributed training (a DDP-wrapped model, each process its share
+    of the data: our hooks here sum nothing across processes).
     """
 
     def __init__(self, strategies, encoder: Encoder, batch_size: int = 8, autocast: Callable = nullcontext):
+        from continual_ft.strategies.avalanche import AvalancheStrategy
+
         super().__init__()  # SupervisedPlugin's
         self.strategies = list(strategies) if isinstance(strategies, (list, tuple)) else [strategies]
+        for s in self.strategies:
+            if isinstance(s, AvalancheStrategy):
+                raise ContinualFTError(
+                    f"strategy={s.name} is Avalanche's own loop, not hooks: pass its Avalanche plugin or "
+                    f"strategy ({s.avalanche_class}) to Avalanche instead of StrategyPlugin"
+                )
         self.encoder, self.batch_size, self.autocast = encoder, batch_size, autocast
         self.task_ids: dict[str, int] = {}
         self.stage = None
+        self.step = 0  # optimizer steps of the current experience
         self.last_penalty: torch.Tensor | None = None
 
     def _examples(self, dataset) -> list[Example]:
         items = [dataset[i] for i in range(len(dataset))]
         self.task_ids.update({it["example"].task: int(it["targets_task_labels"]) for it in items})
         return [it["example"] for it in items]
+
+    def before_training(self, strategy, **kwargs):
+        from avalanche.distributed import DistributedHelper
+        from avalanche.training.templates.update_type import SGDUpdate
+
+        from continual_ft.strategies.base import Strategy
+
+        if DistributedHelper.is_distributed:
+            raise ContinualFTError("StrategyPlugin runs in one process, not in Avalanche's distributed training")
+        if isinstance(strategy, SGDUpdate):
+            return
+        for s in self.strategies:
+            for hook in ("penalty", "after_backward"):
+                if getattr(type(s), hook) is not getattr(Strategy, hook):
+                    raise ContinualFTError(
+                        f"strategy={s.name} needs its {hook} hook, which {type(strategy).__name__}'s loop "
+                        "(no backward callbacks) cannot call; use an Avalanche template with the SGD update"
+                    )
 
     def before_train_dataset_adaptation(self, strategy, **kwargs):
         from continual_ft.stage import Batches, stage_info
@@ -236,6 +277,7 @@ class _StrategyPlugin:
             strategy.adapted_dataset = examples_dataset(examples, self.encoder, self.task_ids).train()
 
     def before_training_exp(self, strategy, **kwargs):
+        self.step = 0
         for s in self.strategies:
             s.before_stage(_lm(strategy.model), self.stage)
 
@@ -248,9 +290,27 @@ class _StrategyPlugin:
         if self.last_penalty is not None:
             strategy.loss += self.last_penalty
 
+    def after_backward(self, strategy, **kwargs):
+        from continual_ft.stage import after_backward
+
+        self.step += 1
+        after_backward(self.strategies, _lm(strategy.model), self.stage, self.step)
+
     def after_training_exp(self, strategy, **kwargs):
         for s in self.strategies:
             s.after_stage(_lm(strategy.model), self.stage)
+
+    def state_dict(self) -> dict:
+        """Each strategy's ``state_dict`` under its name (what our runner saves for it)."""
+        return {s.name: s.state_dict() for s in self.strategies}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s in self.strategies:
+            s.load_state_dict(state[s.name])
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Each strategy's ``stats()`` under its name, for those that report any (A-GEM's projected share)."""
+        return {s.name: s.stats() for s in self.strategies if s.stats()}
 
 
 class _StageLoop:
