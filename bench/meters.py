@@ -47,10 +47,12 @@ class Memory:
 class StepTimer:
     """Timestamps every optimizer step and counts real tokens per step, identically for both variants.
 
-    A forward pre-hook on the model adds up the attention mask of every training forward (real tokens) and
-    its size (padded tokens); a global post-hook on ``torch.optim.Optimizer.step`` closes the step. A packed
-    row has no mask: its real tokens are all but the fill that rounds it up to the pad multiple, the last
-    segment (``position_ids`` restart there) when it holds nothing but ``pad_id``.
+    A forward pre-hook on the model adds up the attention mask of every training forward (real tokens), its
+    size (padded tokens) and the real tokens whose logits the forward computes (projected tokens: those
+    ``logits_to_keep`` keeps, every real token without it); a global post-hook on
+    ``torch.optim.Optimizer.step`` closes the step. A packed row has no mask: its real tokens are all but
+    the fill that rounds it up to the pad multiple, the last segment (``position_ids`` restart there) when it
+    holds nothing but ``pad_id``.
     """
 
     def __init__(self, model, device, pad_id: int | None = None):
@@ -59,9 +61,10 @@ class StepTimer:
 
         self.device = device
         self.pad_id = pad_id
-        self.real = self.padded = 0
+        self.real = self.padded = self.projected = 0
         self.step_real: list[int] = []
         self.step_padded: list[int] = []
+        self.step_projected: list[int] = []
         self.stamps: list[float] = []
         self.start_time = 0.0
         self._handles = [
@@ -76,11 +79,16 @@ class StepTimer:
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
         if mask is None:
-            self.real += ids.numel() - self._fill(ids, kwargs.get("position_ids"))
-            self.padded += ids.numel()
-        else:
-            self.real += int(mask.sum())
-            self.padded += mask.numel()
+            mask = self._torch.ones_like(ids)
+            fill = self._fill(ids, kwargs.get("position_ids"))
+            if fill:
+                mask[:, -fill:] = 0
+        self.real += int(mask.sum())
+        self.padded += mask.numel()
+        keep = kwargs.get("logits_to_keep")
+        if isinstance(keep, int):  # transformers: the last ``keep`` positions, 0 for all of them
+            keep = slice(-keep, None) if keep else slice(None)
+        self.projected += int(mask[:, keep if keep is not None else slice(None)].sum())
 
     def _fill(self, ids, positions) -> int:
         """Pad tokens that end a packed row (``collate_packed``'s rounding), 0 for anything else."""
@@ -99,7 +107,8 @@ class StepTimer:
         self.stamps.append(time.perf_counter())
         self.step_real.append(self.real)
         self.step_padded.append(self.padded)
-        self.real = self.padded = 0
+        self.step_projected.append(self.projected)
+        self.real = self.padded = self.projected = 0
 
     def begin(self) -> None:
         self.start_time = time.perf_counter()
@@ -116,6 +125,7 @@ class StepTimer:
         t0 = self.stamps[skip - 1] if skip else self.start_time
         seconds = self.stamps[-1] - t0
         real, padded = sum(self.step_real[skip:]), sum(self.step_padded[skip:])
+        projected = sum(self.step_projected[skip:])
         return {
             "steps": steps,
             "timed_steps": steps - skip,
@@ -123,6 +133,8 @@ class StepTimer:
             "real_tokens": real,
             "padded_tokens": padded,
             "padding_fraction": 1 - real / padded if padded else 0.0,
+            "projected_tokens": projected,  # real tokens whose logits were computed (mfu's p = projected / real)
+            "projected_share": projected / real if real else 0.0,
             "seconds": seconds,
             "tokens_per_s": real / seconds if seconds > 0 else 0.0,
             "all_steps_real_tokens": sum(self.step_real),

@@ -10,10 +10,11 @@ subprocess, so one's memory peak, allocator state or compiled kernels never reac
     python bench/throughput.py --arch smollm2-1.7b --save-random ckpt/   # SmolLM2-1.7B's shapes, random weights
 
 Throughput counts *real* tokens: the non-padding tokens of every batch trained on (attention-mask sum),
-so padding never counts as work done. Timing starts after the first ``--warmup-steps`` optimizer steps
-and ends at the last one; both variants are timed the same way (a hook after every ``optimizer.step()``).
-Achieved TFLOP/s is the model FLOPs per real token times real tokens/s; ``F = 4·N + 6·N_lora + 12·L·d_attn·c``
-per token for LoRA (forward 2·N, activation gradients through the frozen weights 2·N; see ``mfu.py``).
+so padding never counts as work done. Each variant first trains ``--warmup-steps`` untimed steps on the same
+warm-up examples (the first ``--warmup-steps`` × ``--batch-size``), puts its LoRA weights back, then trains
+the timed run: every step of it, timed the same way in both (a hook after every ``optimizer.step()``), so both
+time the very same tokens. Achieved TFLOP/s is the FLOPs per real token each variant computes times real
+tokens/s (``mfu.py``: the vocabulary projection counted only where the variant computes logits).
 
 The benchmark imports only what continual-ft itself imports (no ``datasets``): it runs where the library runs.
 """
@@ -21,6 +22,7 @@ The benchmark imports only what continual-ft itself imports (no ``datasets``): i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -102,7 +104,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (no accumulation)")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps; 0 = --epochs passes over the examples")
     p.add_argument("--epochs", type=int, default=1, help="passes over the examples when --steps is 0")
-    p.add_argument("--warmup-steps", type=int, default=2, help="first optimizer steps left out of the timing")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=2,
+        help="untimed steps before the timed run, on the same first examples in both variants (LoRA reset after)",
+    )
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: continual-ft's train.lr)")
     p.add_argument("--max-length", type=int, default=None, help="longest tokenized example (default: train.max_length)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads in each variant; 0 = torch's default")
@@ -213,12 +220,34 @@ def _random_model(args, device, dtype):
     return model.to(dtype), tokenizer
 
 
-def _measure_flops(model, encoder, examples, device, peak_tflops) -> dict:
-    """F per token of this model and these examples, the device, and its peak (``--peak-tflops`` or a known GPU)."""
+def _measure_flops(model, encoder, examples, device, peak_tflops, projected: float) -> dict:
+    """F per token of this model and these examples, computing logits for the share ``projected`` of the
+    real tokens (measured on the timed steps), the device, and its peak (``--peak-tflops`` or a known GPU)."""
     name = device_name(device)
     peak = peak_tflops if peak_tflops is not None else known_peak_tflops(name)
-    work = flops_per_token(model, [len(encoder.encode(e)) for e in examples])
+    work = flops_per_token(model, [len(encoder.encode(e)) for e in examples], projected)
     return {**work, "device_name": name, "peak_tflops": peak}
+
+
+def _warm_up(model, args, train) -> None:
+    """``--warmup-steps`` untimed steps of ``train(steps)`` on the warm-up examples, then the trainable
+    weights back to where they were: the timed run starts from the same LoRA as without a warm-up."""
+    if not args.warmup_steps:
+        return
+    import torch
+
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train(args.warmup_steps)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in start:
+                p.copy_(start[n])
+                p.grad = None
+
+
+def _warmup_examples(args, examples: list) -> list:
+    """The same examples warm both variants up: the first ``--warmup-steps`` batches' worth."""
+    return examples[: args.warmup_steps * args.batch_size]
 
 
 def run_ours(args) -> dict:
@@ -242,8 +271,14 @@ def run_ours(args) -> dict:
         model = model.to(device=device, dtype=dtype)
     encoder = Encoder(tokenizer, **encoder_kwargs)
     model = adapters.start_stage(model, "continue", 0, config.lora)
-    work = _measure_flops(model, encoder, examples, device, args.peak_tflops)
+    autocast = autocast_for(precision, device)
 
+    def warm(steps: int) -> None:
+        cfg = dataclasses.replace(config.train, max_steps=steps)
+        warm_examples = _warmup_examples(args, examples)
+        train_stage(model, encoder, warm_examples, [], cfg, seed=args.seed, autocast=autocast, progress=False)
+
+    _warm_up(model, args, warm)
     timer, memory = StepTimer(model, device, pad_id=tokenizer.pad_token_id), Memory(device)
     memory.start()
     timer.begin()
@@ -255,24 +290,24 @@ def run_ours(args) -> dict:
         [],
         config.train,
         seed=args.seed,
-        autocast=autocast_for(precision, device),
+        autocast=autocast,
         progress=False,
     )
     wall = time.perf_counter() - wall
     timer.close()
-    out = timer.summary(args.warmup_steps)
+    out = timer.summary(0)  # the warm-up ran before the timer: every step of this run is timed
     if stats.steps != out["steps"]:
         raise RuntimeError(f"ours: train_stage did {stats.steps} optimizer steps, the timer saw {out['steps']}")
     if stats.tokens != out["all_steps_real_tokens"]:
         raise RuntimeError(f"ours: StageStats.tokens {stats.tokens} != counted {out['all_steps_real_tokens']}")
     out.update(memory.finish())
-    out.update(work)
+    out.update(_measure_flops(model, encoder, examples, device, args.peak_tflops, out["projected_share"]))
     out.update(
         {
             "precision": precision,
             "recipe": f"{precision} frozen base + autocast, length-grouped left-padded batches, answer-only logits",
             "settings": list(args.set),
-            "total_seconds": wall,  # the whole train_stage() call
+            "total_seconds": wall,  # the whole timed train_stage() call
             "total_tokens_per_s": stats.tokens / wall,
             "stage_stats_tokens_per_s": stats.tokens_per_s,  # StageStats: all steps, its own clock
             "train_loss": stats.train_loss,
@@ -333,25 +368,29 @@ def run_baseline(args) -> dict:
         enc = encoder.encode(e)
         ids = list(enc.prompt_ids + enc.answer_ids)
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
-    work = _measure_flops(model, encoder, examples, device, args.peak_tflops)
     tokenizer.padding_side = "right"
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)  # labels = input_ids, pads masked out
 
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as out_dir:
-        training_args = TrainingArguments(
-            output_dir=out_dir,
-            per_device_train_batch_size=args.batch_size,
-            max_steps=steps,
-            learning_rate=config.train.lr,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=10**6,
-            disable_tqdm=True,
-            use_cpu=device.type == "cpu",
-            seed=args.seed,
-            **({"bf16": True, **_sampling_by_length()} if mode == "bf16" else {}),
-        )
-        trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=collator)
+
+        def trainer_for(max_steps: int, data: list) -> Trainer:
+            training_args = TrainingArguments(
+                output_dir=out_dir,
+                per_device_train_batch_size=args.batch_size,
+                max_steps=max_steps,
+                learning_rate=config.train.lr,
+                report_to=[],
+                save_strategy="no",
+                logging_steps=10**6,
+                disable_tqdm=True,
+                use_cpu=device.type == "cpu",
+                seed=args.seed,
+                **({"bf16": True, **_sampling_by_length()} if mode == "bf16" else {}),
+            )
+            return Trainer(model=model, args=training_args, train_dataset=data, data_collator=collator)
+
+        _warm_up(model, args, lambda n: trainer_for(n, _warmup_examples(args, rows)).train())
+        trainer = trainer_for(steps, rows)
         timer, memory = StepTimer(trainer.model, device), Memory(device)
         memory.start()
         timer.begin()
@@ -359,14 +398,14 @@ def run_baseline(args) -> dict:
         result = trainer.train()
         wall = time.perf_counter() - wall
         timer.close()
-    out = timer.summary(args.warmup_steps)
+    out = timer.summary(0)  # the warm-up ran before the timer: every step of this run is timed
     if out["steps"] != steps or trainer.state.global_step != steps:
         raise RuntimeError(
             f"baseline: expected {steps} optimizer steps, saw {out['steps']} "
             f"(Trainer global_step {trainer.state.global_step})"
         )
     out.update(memory.finish())
-    out.update(work)
+    out.update(_measure_flops(model, encoder, examples, device, args.peak_tflops, out["projected_share"]))
     recipe = {
         "fp32": "fp32 model, default collator, random order, right padding",
         "bf16": "bf16 weights, TrainingArguments(bf16=True), length-grouped, default collator, right padding",
@@ -375,7 +414,7 @@ def run_baseline(args) -> dict:
         {
             "precision": mode,
             "recipe": recipe,
-            "total_seconds": wall,  # trainer.train() only
+            "total_seconds": wall,  # the timed trainer.train() only
             "total_tokens_per_s": out["all_steps_real_tokens"] / wall,
             "train_loss": result.training_loss,
             "loss_on": "all tokens (prompt + answer)",
@@ -389,6 +428,9 @@ def run_variant(args) -> dict:
 
     result = (run_ours if args.variant == "ours" else run_baseline)(args)
     result.update(achieved(result["flops_per_token"], result["tokens_per_s"], result["peak_tflops"]))
+    # The usual count (every token projected onto the vocabulary), which credits ours with logits it skips.
+    full = achieved(result["model_flops_per_token"], result["tokens_per_s"], result["peak_tflops"])
+    result.update({"model_tflops": full["tflops"], "model_fraction_of_peak": full["fraction_of_peak"]})
     result.update(
         {
             "variant": args.variant,
@@ -440,7 +482,16 @@ _FORWARDED = (
     "threads",
     "seed",
 )
-_MEDIANS = ("tokens_per_s", "seconds", "tflops", "fraction_of_peak", "peak_memory_mb", "train_peak_memory_mb")
+_MEDIANS = (
+    "tokens_per_s",
+    "seconds",
+    "tflops",
+    "fraction_of_peak",
+    "model_tflops",
+    "model_fraction_of_peak",
+    "peak_memory_mb",
+    "train_peak_memory_mb",
+)
 
 
 def _child_command(args, *extra: str, **replace) -> list[str]:
@@ -500,14 +551,24 @@ def format_table(results: dict) -> str:
     lines.append(
         f"ours/baseline real tokens/s: {ratio:.2f}x   (peak memory ratio {mem:.2f}x; median of {c['repeat']} "
         f"run{'s' if c['repeat'] > 1 else ''} each; {what}, {c['examples']} {c['task']} examples, "
-        f"batch {c['batch_size']}, {c['warmup_steps']} warm-up step{'' if c['warmup_steps'] == 1 else 's'} untimed)"
+        f"batch {c['batch_size']}, {c['warmup_steps']} warm-up step{'' if c['warmup_steps'] == 1 else 's'} "
+        "on the same examples before the timed run)"
     )
     peak = "" if ours["peak_tflops"] is None else f"; % peak of {ours['peak_tflops']:.3g} TFLOP/s (bf16, dense)"
     lines.append(
-        f"device: {ours['device_name']}; model FLOPs per real token {FORMULA} = {ours['flops_per_token'] / 1e9:.4g} "
-        f"GFLOP (N = {ours['matmul_params'] / 1e6:.1f}M, N_lora = {ours['lora_params'] / 1e6:.2f}M, "
+        f"device: {ours['device_name']}; FLOPs per real token computed {FORMULA} "
+        f"(N = {ours['matmul_params'] / 1e6:.1f}M, N_vocab = {ours['vocab_params'] / 1e6:.1f}M, "
+        f"N_lora = {ours['lora_params'] / 1e6:.2f}M, "
         f"c = {ours['mean_causal_context']:.0f}){peak}"
     )
+    for name in VARIANTS:
+        r, m = results["variants"][name], results["variants"][name]["median"]
+        full = "" if m["model_fraction_of_peak"] is None else f", {100 * m['model_fraction_of_peak']:.1f}% peak"
+        lines.append(
+            f"  {name}: p = {r['projected_share']:.3f} of real tokens projected onto the vocabulary, "
+            f"F = {r['flops_per_token'] / 1e9:.4g} GFLOP; counting every token's logits (F = "
+            f"{r['model_flops_per_token'] / 1e9:.4g} GFLOP): {_fmt(m['model_tflops'], '.3g')} TFLOP/s{full}"
+        )
     measured = results.get("measured_matmul_tflops")
     if measured:
         lines.append(

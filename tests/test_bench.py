@@ -26,27 +26,37 @@ def test_throughput_bench_tiny(tmp_path):
     results = json.loads(out.read_text())
     variants = results["variants"]
     assert set(variants) == {"ours", "baseline"}
-    for r in variants.values():
-        assert r["steps"] == 4 and r["timed_steps"] == 2 and r["warmup_steps_excluded"] == 2
+    for r in variants.values():  # 2 warm-up steps before the timed run, which is timed whole
+        assert r["steps"] == r["timed_steps"] == 4 and r["warmup_steps_excluded"] == 0
         assert r["tokens_per_s"] > 0 and r["real_tokens"] > 0 and r["seconds"] > 0
         assert r["peak_memory_mb"] > 0
         assert r["real_tokens"] <= r["padded_tokens"]
         assert r["tflops"] > 0 and r["median"]["tokens_per_s"] == r["tokens_per_s"] and r["device_name"]
     assert variants["ours"]["pid"] != variants["baseline"]["pid"]  # each in its own process
-    # 32 examples, batch 8, 4 steps = one epoch each: the very same tokens were trained on.
+    # 32 examples, batch 8, 4 steps = one epoch each: the very same tokens were trained on, and timed (the
+    # warm-up is a run of its own on the same examples in both, not the first batches, which differ).
     assert variants["ours"]["all_steps_real_tokens"] == variants["baseline"]["all_steps_real_tokens"]
+    assert variants["ours"]["real_tokens"] == variants["baseline"]["real_tokens"]
     assert results["same_tokens_all_steps"]
-    assert variants["baseline"]["precision"] == "fp32"  # --baseline auto on CPU: the typical CPU script
-    # Model FLOPs belong to the model and the data, not to the variant.
-    assert variants["ours"]["flops_per_token"] == variants["baseline"]["flops_per_token"]
+    # --baseline auto: the typical GPU script on CUDA (bf16 weights, bf16=True), the typical CPU one elsewhere
+    assert variants["baseline"]["precision"] == ("bf16" if torch.cuda.is_available() else "fp32")
+    # The usual model FLOPs belong to the model and the data; the FLOPs computed leave out the logits ours skips.
+    ours, base = variants["ours"], variants["baseline"]
+    assert ours["model_flops_per_token"] == base["model_flops_per_token"] == base["flops_per_token"]
+    assert base["projected_share"] == 1 and 0 < ours["projected_share"] < 1
+    assert ours["flops_per_token"] == pytest.approx(
+        ours["model_flops_per_token"] - 4 * ours["vocab_params"] * (1 - ours["projected_share"])
+    )
+    assert ours["fraction_of_peak"] < ours["model_fraction_of_peak"]
     assert results["ratio_tokens_per_s"] > 0
     # On a CPU (no data-sheet peak) the fraction of peak is against the bf16 matmul speed measured before the runs.
     measured = results["measured_matmul_tflops"]
     assert measured["bf16"] > 0 and measured["fp32"] > 0 and "measured dense matmul" in proc.stdout
-    if not torch.cuda.is_available():
-        for r in variants.values():
-            assert r["peak_tflops"] == measured["bf16"]
-            assert r["fraction_of_peak"] == pytest.approx(r["tflops"] / measured["bf16"])
+    # On a known GPU, the card's data-sheet bf16 peak instead.
+    known = known_peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    for r in variants.values():
+        assert r["peak_tflops"] == (known if known is not None else measured["bf16"])
+        assert r["fraction_of_peak"] == pytest.approx(r["tflops"] / r["peak_tflops"])
 
 
 def test_packed_rows_count_their_real_tokens(tmp_path):
@@ -73,12 +83,39 @@ def test_step_timer_leaves_the_fill_of_a_packed_row_out():
         try:
             for multiple, fill in ((1, 0), (16, 8), (4, 0)):  # 8 real tokens: rounded to 16 adds 8, to 4 none
                 batch = collate_packed(items, pad, multiple)
-                timer.real = timer.padded = 0
-                kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+                timer.real = timer.padded = timer.projected = 0
+                kwargs = {k: batch[k] for k in ("input_ids", "position_ids", "logits_to_keep")}
                 timer._forward(model.train(), (), kwargs)
                 assert (timer.real, timer.padded) == (8, 8 + fill)
+                # logits for the 3 positions that predict an answer token, and the row's last one if it is real
+                assert timer.projected == 3 + (fill == 0)
         finally:
             timer.close()
+
+
+def test_step_timer_counts_the_real_tokens_whose_logits_are_computed():
+    """Left-padded rows with ``logits_to_keep`` (ours: an int or the indices of the last positions) project
+    only those positions' real tokens; a plain forward (the HF Trainer's) projects every real token."""
+    from meters import StepTimer
+
+    from continual_ft.batching import Encoded, collate
+    from continual_ft.losses import model_inputs
+
+    items = [Encoded((5, 6, 7, 8), (9, 2), "a"), Encoded((4,), (2,), "a")]  # 6 and 2 real tokens, width 6
+    batch = collate(items, 0)
+    model = torch.nn.Linear(1, 1).train()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    timer = StepTimer(model, torch.device("cpu"))
+    try:
+        for keep in (batch["logits_to_keep"], model_inputs(batch)["logits_to_keep"]):  # 3, then its indices
+            timer.real = timer.projected = 0
+            timer._forward(model, (), {**inputs, "logits_to_keep": keep})
+            assert (timer.real, timer.projected) == (8, 3 + 2)  # the short row has 2 real tokens among the last 3
+        timer.real = timer.projected = 0
+        timer._forward(model, (), inputs)
+        assert timer.projected == timer.real == 8
+    finally:
+        timer.close()
 
 
 def test_random_arch_bench_runs_without_datasets(tmp_path):
@@ -107,7 +144,8 @@ def test_random_arch_bench_runs_without_datasets(tmp_path):
     ours, base = results["variants"]["ours"], results["variants"]["baseline"]
     assert base["precision"] == "bf16" and "bf16=True" in base["recipe"]
     assert ours["steps"] == base["steps"] == 2 and results["same_tokens_all_steps"]
-    assert ours["flops_per_token"] == base["flops_per_token"]
+    assert ours["model_flops_per_token"] == base["model_flops_per_token"] == base["flops_per_token"]
+    assert ours["flops_per_token"] < base["flops_per_token"]  # the vocabulary projection of prompt tokens skipped
     assert ours["lora_params"] == 2 * 4 * sum(  # r=4 from --set reached both variants
         (576 + out_features) for out_features in (576, 192, 192, 576, 1536, 1536)
     ) + 2 * 4 * (1536 + 576)
@@ -146,13 +184,16 @@ def test_flops_per_token_is_4n_plus_lora_plus_attention():
         from transformers import LlamaForCausalLM
 
         model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"]))
-    work = flops_per_token(model, [3, 5])
     d, kv, v = 576, 192, 49152
     n = d * d + 2 * d * kv + d * d + 3 * d * 1536 + v * d  # one layer's projections + the (tied) vocabulary projection
-    assert work["matmul_params"] == n and work["lora_params"] == 2 * (d + d)
     context = (3 * 4 / 2 + 5 * 6 / 2) / 8
-    assert work["mean_causal_context"] == context
-    assert work["flops_per_token"] == 4 * n + 6 * 2 * (d + d) + 12 * 1 * d * context
+    full = 4 * n + 6 * 2 * (d + d) + 12 * 1 * d * context
+    for projected in (1.0, 0.25):  # every token's logits (a plain forward), a quarter of them (logits_to_keep)
+        work = flops_per_token(model, [3, 5], projected)
+        assert work["matmul_params"] == n and work["lora_params"] == 2 * (d + d) and work["vocab_params"] == v * d
+        assert work["mean_causal_context"] == context
+        assert work["model_flops_per_token"] == full
+        assert work["flops_per_token"] == full - 4 * v * d * (1 - projected)
 
 
 def test_measured_matmul_peak_counts_the_flops_of_a_product():
@@ -255,3 +296,30 @@ def test_compile_probe_bench_tiny(tmp_path):
     result = json.loads(out.read_text())
     assert result["mode"] == "eager" and result["tokens_per_s"] > 0 and result["first_step_seconds"] > 0
     assert proc.stderr.count("[eager] step") == 3
+
+
+def test_kill_and_resume_kills_at_a_seeded_point_between_checkpoints(tmp_path):
+    """The killed run dies a seeded random fraction of a checkpoint interval after the checkpoint at --step,
+    not right after it; the steps it did since are trained again by the resume, which ends with the same R."""
+    import random
+
+    from toy import write_toy_scenario
+
+    scenario = write_toy_scenario(tmp_path / "data", n=80, train=32, test=4)
+    script = BENCH.parent / "kill_and_resume.py"
+    cmd = [sys.executable, str(script), "--every", "4", "--step", "8", "--seed", "0"]
+    cmd += ["--json", str(tmp_path / "k.json")]
+    cmd += ["--", f"scenario={scenario}", "model=tiny", "train.max_steps=16", "train.batch_size=4"]
+    cmd += ["precision=fp32", "output_dir=runs", "name=k"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "k.json").read_text())
+    assert out["kill_fraction"] == random.Random(0).random() > 0.5  # seed 0 draws 0.84 of an interval
+    assert out["R_equal"] and len(out["parts"]) == 2
+    assert out["checkpoint_step"] in (8, 12) and 0 <= out["steps_trained_again"] < 4
+    if out["checkpoint_step"] == 8:  # the usual case: the kill fell before the next checkpoint
+        assert out["killed_seconds_after_checkpoint"] >= 0.9 * out["kill_fraction"] * out["checkpoint_interval_s"]
+        assert out["steps_done_at_kill"] > 8  # steps lost, as a kill between checkpoints loses them
+    bad = subprocess.run([sys.executable, str(script), "--every", "4", "--step", "4", "--", "name=x"], cwd=tmp_path)
+    assert bad.returncode == 2 and not (tmp_path / "runs" / "x").exists()
