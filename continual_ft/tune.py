@@ -10,7 +10,7 @@ trials to the same study, and several processes, on one machine or many, pointed
 it. Trial ``n`` is the run ``<output_dir>/<study>-trial<n>`` (its user attribute ``run_dir``). After
 each stage but the last the pruner sees the running objective; a pruned trial keeps the stages it ran
 (``results.json`` with ``complete: false``). A trial whose process dies is marked failed by the next
-trial start after ``grace_period`` seconds without a heartbeat.
+trial to start once its last heartbeat is ``GRACE_S`` (two minutes) old.
 
 The report folder (default ``<output_dir>/<study>``) gets ``report.md`` (the best configuration as a
 ``python cli.py run`` command line and a table of every trial), ``trials.csv``, and Optuna's
@@ -49,7 +49,10 @@ TUNE_KEYS = {
 }
 #: What one study keeps fixed: its trials must measure the same thing, and it names the runs itself.
 NOT_SEARCHED = ("scenario", "strategy", "name", "output_dir")
+#: A running trial writes a heartbeat this often; once its last one is ``GRACE_S`` old (its process was
+#: killed), the next trial to start in the study marks it failed (Optuna's ``fail_stale_trials``).
 HEARTBEAT_S = 60
+GRACE_S = 2 * HEARTBEAT_S
 
 
 @dataclass
@@ -209,7 +212,9 @@ def _storage(optuna, url: str):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
+                )
         except (ImportError, SQLAlchemyError, ValueError) as e:
             # Processes that start together on a new database all create its tables: the later ones
             # fail on a table or version row another just wrote. Looked at again, the database is ready.

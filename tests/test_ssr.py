@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import make_examples, make_stage
@@ -10,7 +12,7 @@ from continual_ft.data import Example
 from continual_ft.errors import ContinualFTError
 from continual_ft.generation import nucleus
 from continual_ft.strategies import StageInfo, build
-from continual_ft.strategies.ssr import MARK, SSR, SSRConfig, template
+from continual_ft.strategies.ssr import MARK, SSR, SSRConfig, _Slot, template
 
 
 def _greedy(model, tokenizer, text: str, n: int) -> str:
@@ -293,6 +295,46 @@ def test_ssr_on_the_tiny_model_writes_examples_with_the_tasks_template(tiny_mode
     for e in synthetic:
         assert e.task == "colors" and e.prompt.startswith(HEAD) and e.prompt.endswith(TAIL) and e.answer
         assert e.prompt not in {x.prompt for x in own}
+
+
+@pytest.mark.parametrize("base_inputs", [True, False])
+def test_ssr_writes_inputs_with_the_adapters_off_and_answers_with_them_on(tiny_model_and_tokenizer, base_inputs):
+    """``base_inputs`` (the default, the paper's): the inputs are what the base model writes, the answers what
+    the trained model answers; off, both come from the trained model. The adapter here is strong enough
+    that the two models write different text from the same contexts and seed."""
+    model, tokenizer = tiny_model_and_tokenizer
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen).to(p.device))
+    own = _colors(12)
+    stage = make_stage(model, tokenizer, 0, own)
+    real, calls = stage.generate, []
+
+    def recording(model, prompts, max_new_tokens, **kw):
+        texts = real(model, prompts, max_new_tokens, **kw)
+        calls.append((list(prompts), max_new_tokens, kw, texts))
+        return texts
+
+    ssr = SSR(SSRConfig(per_task=6, demos=3, shots=2, max_new_tokens=10, known_answers=False, base_inputs=base_inputs))
+    ssr.after_stage(model, dataclasses.replace(stage, generate=recording))
+
+    writing = [c for c in calls if not c[2]["chat"]]
+    answering = [c for c in calls if c[2]["chat"]]
+    assert writing and answering
+    for prompts, n, kw, texts in writing:
+        with model.disable_adapter():
+            base = real(model, prompts, n, **kw)
+        trained = real(model, prompts, n, **kw)
+        assert base != trained  # the adapter changes what is written
+        assert texts == (base if base_inputs else trained)
+    for prompts, n, kw, texts in answering:  # answered by the trained model, adapters on, in either case
+        assert texts == real(model, prompts, n, **kw)
+    written = [t for *_, texts in writing for t in texts]  # the kept inputs are those texts, cut and wrapped
+    assert ssr.synthetic["colors"]
+    slot = _Slot.of(own, ssr.demos["colors"])
+    assert {e.prompt for e in ssr.synthetic["colors"]} <= set(slot.new_inputs(written, set()))
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,15 @@
 """Effects of each strategy on tiny inputs: what the buffer holds, what the penalty is, what gets sampled."""
 
 import dataclasses
-import io
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_examples, make_stage
 
+from continual_ft._state import load_tree, save_tree
 from continual_ft.adapters import start_stage
 from continual_ft.config import LoraConfig
 from continual_ft.strategies import StageInfo, build
@@ -23,11 +25,10 @@ def info(index, examples):
 
 
 def roundtrip(state):
-    """What torch.save + torch.load (weights_only, as on resume) gives back."""
-    f = io.BytesIO()
-    torch.save(state, f)
-    f.seek(0)
-    return torch.load(f, weights_only=True)
+    """What the runner's files give back: ``save_tree`` as a stage ends, ``load_tree`` as ``resume`` reads it."""
+    with tempfile.TemporaryDirectory() as root:
+        save_tree(Path(root) / "state", state)
+        return load_tree(Path(root) / "state")
 
 
 # --- replay -------------------------------------------------------------------------------------------

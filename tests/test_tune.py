@@ -1,11 +1,15 @@
 """`tune`: search specs and objectives, a study of tiny runs in SQLite, continuing it, pruning, two
-processes on one database, and bad input as one line before any trial."""
+processes on one database training at the same time, a killed trial marked failed after the grace
+period, and bad input as one line before any trial."""
 
 import csv
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -14,6 +18,7 @@ import yaml
 from toy import write_toy_scenario
 
 from continual_ft import metrics, runner
+from continual_ft import tune as tune_module
 from continual_ft._search import Dimension, parse_dimension, parse_objective
 from continual_ft.cli import main
 from continual_ft.config import make_config
@@ -22,6 +27,7 @@ from continual_ft.strategies import STRATEGIES
 from continual_ft.tune import tune
 
 ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "_tune_worker.py"
 FAST = ["model=tiny", "precision=fp32", "train.max_steps=2", "train.batch_size=4"]
 SEARCH = ["strategy=replay", "search.replay.ratio=0.1:0.6", "search.train.lr=log:1e-4:3e-3"]
 
@@ -259,16 +265,19 @@ def test_a_failed_trial_does_not_stop_the_study(study, monkeypatch):
     assert calls == ["f-trial0", "f-trial1"] and "trial 0: failed (loss is nan at step 1)" in logged
 
 
-def test_two_processes_share_one_sqlite_study(tmp_path):
+def test_two_processes_share_one_sqlite_study_and_train_at_the_same_time(tmp_path):
     scenario = write_toy_scenario(tmp_path / "data")
     args = [f"scenario={scenario}", *FAST, "output_dir=runs", *SEARCH, "study=shared", "n_trials=1", "--quiet"]
+    times = tmp_path / "times"
+    times.mkdir()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(ROOT / "cli.py"), "tune", *args],
+            [sys.executable, str(WORKER), "meet", *args],
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, "TUNE_TIMES": str(times)},
         )
         for _ in range(2)
     ]
@@ -280,6 +289,56 @@ def test_two_processes_share_one_sqlite_study(tmp_path):
     assert {t.user_attrs["run_dir"] for t in trials} == {"runs/shared-trial0", "runs/shared-trial1"}
     assert sum("trial 0: acc = " in out for out, _ in outs) == 1  # each trial ran in one process only
     assert sum("trial 1: acc = " in out for out, _ in outs) == 1
+    # Each process's run, from its start to its end: the two intervals intersect (the worker lets the
+    # first wait for the second to begin, but trials that one process at a time could run never would).
+    runs = [json.loads(p.read_text()) for p in sorted(times.glob("*.json"))]
+    assert sorted(r["trial"] for r in runs) == ["shared-trial0", "shared-trial1"]
+    assert max(r["start"] for r in runs) < min(r["end"] for r in runs), runs
+
+
+def test_a_dead_trial_is_failed_two_minutes_after_its_last_heartbeat(tmp_path):
+    storage = tune_module._storage(optuna, f"sqlite:///{tmp_path / 'tune.db'}")
+    assert (storage.heartbeat_interval, storage.grace_period) == (60, 120)  # what the README says
+
+
+def test_a_killed_trial_is_marked_failed_by_the_next_trial_after_the_grace_period(tmp_path, monkeypatch):
+    """A trial whose process is SIGKILLed stays RUNNING in the database; the next trial to start marks it
+    FAIL once its last heartbeat is older than the grace period (2 s here, two minutes by default), not before."""
+    scenario = write_toy_scenario(tmp_path / "data")
+    args = [f"scenario={scenario}", *FAST, "output_dir=runs", *SEARCH, "study=k", "n_trials=1"]
+    storage, mark = f"sqlite:///{tmp_path / 'runs' / 'tune.db'}", tmp_path / "running"
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), "hang", *args, "--quiet"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TUNE_MARK": str(mark)},
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not mark.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mark.is_file() and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else "too slow"
+        time.sleep(1.5)  # a heartbeat a second: it has written one
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = time.monotonic()
+    (dead,) = _trials(storage, "k")
+    assert dead.state == optuna.trial.TrialState.RUNNING and mark.read_text() == "k-trial0"
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tune_module, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(tune_module, "GRACE_S", 60)  # within the grace period: its process may be alive
+    tune(args, progress=False, log=lambda _: None)
+    assert [t.state.name for t in _trials(storage, "k")] == ["RUNNING", "COMPLETE"]
+
+    monkeypatch.setattr(tune_module, "GRACE_S", 2)
+    time.sleep(max(0.0, killed_at + 4 - time.monotonic()))  # SQLite's clock counts whole seconds
+    tune(args, progress=False, log=lambda _: None)
+    assert [t.state.name for t in _trials(storage, "k")] == ["FAIL", "COMPLETE", "COMPLETE"]
 
 
 # ---- bad input ---------------------------------------------------------------------------------
