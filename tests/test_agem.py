@@ -1,12 +1,13 @@
 """A-GEM: the projection formula, its exactness on the tiny model, its effect on forgetting, its state."""
 
-import io
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_examples, make_stage
 
+from continual_ft._state import load_tree, save_tree
 from continual_ft.adapters import start_stage
 from continual_ft.batching import Encoder
 from continual_ft.config import LoraConfig, TrainConfig
@@ -296,13 +297,17 @@ def test_agem_without_memory_or_without_a_stage():
         agem.after_backward(None, None, step=1)
 
 
+def roundtrip(state):
+    """What the runner's files give back: ``save_tree`` as a stage ends, ``load_tree`` as ``resume`` reads it."""
+    with tempfile.TemporaryDirectory() as root:
+        save_tree(Path(root) / "state", state)
+        return load_tree(Path(root) / "state")
+
+
 def test_agem_state_round_trips(agem_setup):
     model, agem, stage, _ = agem_setup
-    f = io.BytesIO()
-    torch.save(agem.state_dict(), f)
-    f.seek(0)
     restored = AGEM(agem.config)
-    restored.load_state_dict(torch.load(f, weights_only=True))
+    restored.load_state_dict(roundtrip(agem.state_dict()))  # through the runner's own files
     assert restored.memory.buffer == agem.memory.buffer and len(restored.memory.buffer) == 8
     params = trainable(model)
     for step in (1, 2):  # the same reference batch for the same step: the same g_ref, bit for bit
