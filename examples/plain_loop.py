@@ -28,8 +28,16 @@ from continual_ft.metrics import summary
 from continual_ft.models import load_model
 from continual_ft.results import format_matrix, format_metrics
 from continual_ft.scenario import load_scenario
-from continual_ft.stage import Batches, after_backward, refuse_own_loops, run_stage, stage_info, total_penalty
-from continual_ft.strategies import build
+from continual_ft.stage import (
+    Batches,
+    StageRun,
+    after_backward,
+    refuse_own_loops,
+    run_stage,
+    stage_info,
+    total_penalty,
+)
+from continual_ft.strategies import StageInfo, Strategy, build
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +55,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def train_stage(model, stage: StageInfo, strategies: list[Strategy], encoder: Encoder, args) -> StageRun:
+    """One stage: ``run_stage`` calls the strategies' hooks around ``train``, which trains the adapter
+    the model carries (``start_stage``) with AdamW on the task loss plus every strategy's penalty."""
+    device = next(model.parameters()).device
+
+    def train(examples):
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=args.lr)
+        encoded = [encoder.encode(e) for e in examples]
+        rng = random.Random(args.seed + stage.index)
+        model.train()
+        step = 0
+        for _ in range(args.epochs):
+            for items in length_grouped_batches(encoded, args.batch_size, rng):
+                step += 1
+                batch = to_device(collate(items, encoder.tokenizer.pad_token_id), device)
+                summed, n, outputs = token_loss(model, batch)
+                loss = summed / n
+                extra = total_penalty(strategies, model, batch, outputs)
+                if extra is not None:
+                    loss = loss + extra
+                loss.backward()
+                after_backward(strategies, model, stage, step)  # the step's gradient is complete
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+    return run_stage(model, stage, strategies, train)
+
+
 def main(argv=None) -> list[list[float]]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -55,7 +93,6 @@ def main(argv=None) -> list[list[float]]:
     model, tokenizer = load_model(args.model, seed=args.seed)
     model = model.to(device)
     encoder = Encoder(tokenizer, max_length=256)
-    pad = tokenizer.pad_token_id
     settings = {
         "replay": {"buffer_size": args.buffer_size, "ratio": 0.25, "seed": args.seed},
         "ewc": {"lam": args.ewc_lam, "fisher_batches": 4, "seed": args.seed},
@@ -81,29 +118,7 @@ def main(argv=None) -> list[list[float]]:
         stage = stage_info(i, stage_def.tasks, own, batches, final=final)
         model = start_stage(model, "continue", i, LoraConfig(r=8, alpha=16))
 
-        def train(examples, i=i, model=model, stage=stage):
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=args.lr)
-            encoded = [encoder.encode(e) for e in examples]
-            rng = random.Random(args.seed + i)
-            model.train()
-            step = 0
-            for _ in range(args.epochs):
-                for items in length_grouped_batches(encoded, args.batch_size, rng):
-                    step += 1
-                    batch = to_device(collate(items, pad), device)
-                    summed, n, outputs = token_loss(model, batch)
-                    loss = summed / n
-                    extra = total_penalty(strategies, model, batch, outputs)
-                    if extra is not None:
-                        loss = loss + extra
-                    loss.backward()
-                    after_backward(strategies, model, stage, step)  # the step's gradient is complete
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-
-        done = run_stage(model, stage, strategies, train)
+        done = train_stage(model, stage, strategies, encoder, args)
         evaluate(f"after {stage_def.name}")
         print(f"stage {i + 1} ({stage_def.name}): trained on {done.examples} examples ({len(own)} own)", flush=True)
 

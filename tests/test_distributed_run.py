@@ -102,3 +102,68 @@ def test_penalty_and_log_as_one_process(runs):
     steps = [e["step"] for e in entries if e["kind"] == "step"]
     assert steps == list(range(1, sum(s["steps"] for s in two["stage_stats"]) + 1))  # each step once
     assert [e["stage"] for e in entries if e["kind"] == "stage"] == [0, 1, 2]
+
+
+#: Short runs (one epoch) of the strategies the run above leaves out. ``data``: joint adds stage 1's examples
+#: to stage 2, SSR its synthetic stage-1 examples, then task_balanced (temperature 0) gives colors and
+#: animals equal shares; O-LoRA keeps stage 2's new adapter orthogonal to stage 1's (``adapter=new``, every
+#: data strategy acts in that mode). lr 1e-3: at 1e-2 the tiny model answers SSR's inputs with blanks.
+SHORT = {
+    "naive": ["strategy=naive"],
+    "data": [
+        "strategy=joint+ssr+task_balanced+olora",
+        "adapter=new",
+        "ssr.per_task=6",
+        "ssr.demos=3",
+        "ssr.max_new_tokens=12",
+        "ssr.known_answers=false",
+        "olora.l2=0",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp_short")
+    scenario = write_toy_scenario(tmp / "data")
+    for key, extra in SHORT.items():
+        for nproc, batch_size in ((1, 4), (2, 2)):
+            out = tmp / key / str(nproc)
+            out.mkdir(parents=True)
+            common = [f"scenario={scenario}", "model=tiny", "train.lr=1e-3", "train.epochs=1", "precision=fp32"]
+            settings = [*common, *extra, f"train.batch_size={batch_size}", "output_dir=runs", f"name={key}{nproc}"]
+            _launch(nproc, out, settings, tmp)
+    return tmp
+
+
+@pytest.mark.parametrize("key", list(SHORT))
+def test_naive_data_strategies_and_olora_over_two_processes_act_as_one(key, short_runs):
+    """The same data each stage, R, LoRA weights (1e-5) and stage-2 penalty as one process, and the strategies'
+    effect: naive trains on each stage's own task; joint puts colors into stage 2, SSR its synthetic colors,
+    task_balanced makes the two tasks' shares equal; O-LoRA's stage-2 penalty is > 0."""
+    folder = short_runs / key
+    one = json.loads((folder / "1" / "rank0.json").read_text())
+    two = [json.loads((folder / "2" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert two[0]["world"] == 2 and two[0]["R"] == two[1]["R"] == one["R"]
+    assert two[0]["trained"] == two[1]["trained"] == one["trained"]
+    single = load_file(folder / "1" / "rank0.safetensors")
+    ranks = [load_file(folder / "2" / f"rank{r}.safetensors") for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys() == single.keys()
+    for name, w in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.allclose(ranks[0][name], w, rtol=0, atol=1e-5), name
+    assert [n for n, w in single.items() if "lora_B" in n and w.abs().max() > 0]
+
+    stats = [
+        json.loads((short_runs / "runs" / f"{key}{n}" / "results.json").read_text())["stage_stats"] for n in (1, 2)
+    ]
+    stage1, stage2 = one["trained"]
+    assert list(stage1) == ["colors"]
+    if key == "naive":
+        assert list(stage2) == ["animals"]
+        assert [s["penalty"] for s in stats[0] + stats[1]] == [None] * 4
+        return
+    assert stage2["colors"] > 0 and stage2["colors:ssr"] > 0  # joint's and SSR's
+    assert stage2["colors"] + stage2["colors:ssr"] == stage2["animals"]  # task_balanced's equal shares
+    assert stats[0][0]["penalty"] is None and stats[0][1]["penalty"] > 0  # O-LoRA: an earlier adapter in stage 2
+    assert stats[1][1]["penalty"] == pytest.approx(stats[0][1]["penalty"], rel=1e-4)

@@ -3,7 +3,9 @@
 import pytest
 import torch
 from conftest import make_examples
+from loop_effects import LOOP_CASES, two_stages
 
+from continual_ft import hf
 from continual_ft.adapters import start_stage
 from continual_ft.batching import Encoder
 from continual_ft.config import LoraConfig
@@ -69,7 +71,7 @@ def _args(tmp_path, **kw):
         output_dir=str(tmp_path),
         max_steps=kw.pop("max_steps", 3),
         per_device_train_batch_size=4,
-        learning_rate=1e-2,
+        learning_rate=kw.pop("learning_rate", 1e-2),
         lr_scheduler_type="constant",
         logging_steps=1,
         seed=0,
@@ -208,3 +210,27 @@ def test_lwf_works_inside_the_trainer(tmp_path):
         model, tokenizer, examples, [lwf], stage_info(1, examples, encoder), _args(tmp_path), encoder=encoder
     )
     assert seen[0] == pytest.approx(0.0, abs=1e-6) and seen[-1] > 0  # equal to its teacher, then it moved away
+
+
+@pytest.mark.parametrize("name", list(LOOP_CASES))
+def test_each_strategy_acts_inside_the_trainer(name, tmp_path, monkeypatch):
+    """Two stages through ``train_stage_hf`` show each strategy's effect (tests/loop_effects.py): what the
+    Trainer was given to train on (task_balanced's resampled shares, joint's earlier stage, replay's and
+    SSR's examples in stage 2, naive's own), or a penalty with a gradient in stage 2 (EWC, LwF, and O-LoRA
+    with a new adapter per stage)."""
+    given = []
+
+    class Recording(ExampleDataset):
+        def __init__(self, examples, encoder):
+            super().__init__(examples, encoder)
+            given.append(self.items)
+
+    monkeypatch.setattr(hf, "ExampleDataset", Recording)
+
+    def loop(model, encoder, k, examples, strategies, final):
+        stage = stage_info(k, examples, encoder, batch_size=4, final=final)
+        args = _args(tmp_path / f"stage{k}", learning_rate=1e-3)  # at 1e-2 the tiny model answers SSR blank
+        train_stage_hf(model, encoder.tokenizer, examples, strategies, stage, args, encoder=encoder)
+        return given[-1]
+
+    LOOP_CASES[name].effect(two_stages(name, loop))
