@@ -317,7 +317,9 @@ def test_kill_and_resume_kills_at_a_seeded_point_between_checkpoints(tmp_path):
     out = json.loads((tmp_path / "k.json").read_text())
     assert out["kill_fraction"] == random.Random(0).random() > 0.5  # seed 0 draws 0.84 of an interval
     assert out["R_equal"] and len(out["parts"]) == 2
-    assert out["checkpoint_step"] in (8, 12) and 0 <= out["steps_trained_again"] < 4
+    # Up to --every steps since the checkpoint: on a busy machine the kill can fall after the next step is done
+    # but before its checkpoint is written, and the resume trains all of them again.
+    assert out["checkpoint_step"] in (8, 12) and 0 <= out["steps_trained_again"] <= 4
     if out["checkpoint_step"] == 8:  # the usual case: the kill fell before the next checkpoint
         assert out["killed_seconds_after_checkpoint"] >= 0.9 * out["kill_fraction"] * out["checkpoint_interval_s"]
         assert out["steps_done_at_kill"] > 8  # steps lost, as a kill between checkpoints loses them
