@@ -37,12 +37,12 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from continual_ft import adapters
-    from continual_ft.batching import Encoder, collate, length_grouped_batches, split_batch, to_device
     from continual_ft.config import LoraConfig, TrainConfig
-    from continual_ft.models import load_model
-    from continual_ft.scenario import load_scenario
-    from continual_ft.trainer import (
+    from continual_ft.data.scenario import load_scenario
+    from continual_ft.model import adapters
+    from continual_ft.model.loading import load_model
+    from continual_ft.train.batching import Encoder, collate, length_grouped_batches, split_batch, to_device
+    from continual_ft.train.loop import (
         autocast_for,
         backward_step,
         micro_token_budget,

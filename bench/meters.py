@@ -13,7 +13,7 @@ import time
 class Memory:
     """Peak memory of this process, and of the training alone where the peak can be reset.
 
-    The run's own meters (``continual_ft.runner.peak_memory_mb`` / ``reset_peak_memory``): CPU, peak
+    The run's own meters (``continual_ft.run.runner.peak_memory_mb`` / ``reset_peak_memory``): CPU, peak
     resident set size (VmHWM, reset through ``/proc/self/clear_refs`` on Linux); CUDA, the caching
     allocator's ``max_memory_allocated``. ``train_peak_mb`` is the peak from just before training.
     """
@@ -24,7 +24,7 @@ class Memory:
         self.resettable = device.type == "cuda" or os.access("/proc/self/clear_refs", os.W_OK)
 
     def start(self) -> None:
-        from continual_ft.runner import peak_memory_mb, reset_peak_memory
+        from continual_ft.run.runner import peak_memory_mb, reset_peak_memory
 
         if self.device.type == "cuda":
             import torch
@@ -34,7 +34,7 @@ class Memory:
         reset_peak_memory(self.device)
 
     def finish(self) -> dict:
-        from continual_ft.runner import peak_memory_mb
+        from continual_ft.run.runner import peak_memory_mb
 
         during = peak_memory_mb(self.device)
         return {

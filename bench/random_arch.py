@@ -92,7 +92,7 @@ def save_random(model, tokenizer, out_dir: str | Path, note: dict) -> Path:
     ``model=<out_dir>`` then loads it like any local checkpoint, in the benchmark and in ``continual-ft run``.
     Refuses a folder that already holds a checkpoint rather than overwrite it.
     """
-    from continual_ft.results import follow_umask
+    from continual_ft.files import follow_umask
 
     out = Path(out_dir)
     if (out / "config.json").exists():

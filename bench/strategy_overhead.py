@@ -85,18 +85,18 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from continual_ft import adapters
-    from continual_ft.batching import Encoder, collate, length_grouped_batches, to_device
     from continual_ft.config import DataConfig, LoraConfig, MergeConfig, TrainConfig
-    from continual_ft.models import load_model
-    from continual_ft.scenario import load_scenario
-    from continual_ft.stage import Batches, after_backward, stage_info
+    from continual_ft.data.scenario import load_scenario
+    from continual_ft.model import adapters
+    from continual_ft.model.loading import load_model
     from continual_ft.strategies import AGEM, EWC, SSR, LwF, OLoRA, StageInfo
     from continual_ft.strategies.agem import AGEMConfig
     from continual_ft.strategies.lwf import LwFConfig
     from continual_ft.strategies.replay import draw
     from continual_ft.strategies.ssr import SSRConfig
-    from continual_ft.trainer import autocast_for, backward_step, resolve_precision
+    from continual_ft.train.batching import Encoder, collate, length_grouped_batches, to_device
+    from continual_ft.train.loop import autocast_for, backward_step, resolve_precision
+    from continual_ft.train.protocol import Batches, after_backward, stage_info
 
     wanted = ALL if args.only is None else {n.strip() for n in args.only.split(",")}
     if wanted - ALL:

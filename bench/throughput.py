@@ -1,7 +1,7 @@
 """Training throughput: continual-ft's ``train_stage`` against a plain Hugging Face ``Trainer`` + PEFT script.
 
 Both variants train the same LoRA (r, alpha, targets, dropout of ``lora.*``) on the same model, the same
-training examples and the same token ids (``continual_ft.batching.Encoder``), for whole epochs (or the same
+training examples and the same token ids (``continual_ft.train.batching.Encoder``), for whole epochs (or the same
 number of optimizer steps) with the same batch size and learning rate. Each variant runs in its own fresh
 subprocess, so one's memory peak, allocator state or compiled kernels never reach the other.
 
@@ -186,8 +186,8 @@ def _setup(args):
     """Device, run config, examples and the encoder settings both variants share."""
     import torch
 
+    from continual_ft.data.scenario import load_scenario
     from continual_ft.errors import ContinualFTError
-    from continual_ft.scenario import load_scenario
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,7 +213,7 @@ def _random_model(args, device, dtype):
     import torch
     from random_arch import build_random
 
-    from continual_ft.models import load_tokenizer
+    from continual_ft.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     model = build_random(args.arch, tokenizer, device, torch.bfloat16, seed=args.seed, layers=args.layers)
@@ -251,13 +251,13 @@ def _warmup_examples(args, examples: list) -> list:
 
 
 def run_ours(args) -> dict:
-    """continual-ft's own path, as ``continual_ft.runner.run`` sets it up for one stage (``--set`` applied)."""
+    """continual-ft's own path, as ``continual_ft.run.runner.run`` sets it up for one stage (``--set`` applied)."""
     import torch
 
-    from continual_ft import adapters
-    from continual_ft.batching import Encoder
-    from continual_ft.models import load_model
-    from continual_ft.trainer import autocast_for, resolve_precision, train_stage
+    from continual_ft.model import adapters
+    from continual_ft.model.loading import load_model
+    from continual_ft.train.batching import Encoder
+    from continual_ft.train.loop import autocast_for, resolve_precision, train_stage
 
     device, config, examples, encoder_kwargs = _setup(args)
     precision = resolve_precision(config.precision, device)
@@ -338,8 +338,8 @@ def run_baseline(args) -> dict:
     from peft import get_peft_model
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from continual_ft.batching import Encoder
-    from continual_ft.models import load_model
+    from continual_ft.model.loading import load_model
+    from continual_ft.train.batching import Encoder
 
     device, config, examples, encoder_kwargs = _setup(args)
     mode = args.baseline if args.baseline != "auto" else ("bf16" if device.type == "cuda" else "fp32")
@@ -447,7 +447,7 @@ def save_random_checkpoint(args) -> Path:
     import torch
     from random_arch import build_random, save_random
 
-    from continual_ft.models import load_tokenizer
+    from continual_ft.model.loading import load_tokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(args.tokenizer)

@@ -1,4 +1,4 @@
-"""The command line: a thin shell over :func:`continual_ft.runner.run`.
+"""The command line: a thin shell over :func:`continual_ft.run.runner.run`.
 
     python cli.py run scenario=legal_then_medical strategy=naive train.lr=2e-4
     python cli.py run adapter=merge_final method=ties    # method=... is short for merge.method=...
@@ -41,8 +41,8 @@ def cli():
 def run(overrides, quiet):
     """Run a scenario: key=value overrides, dotted keys for sections (train.lr=2e-4)."""
     from continual_ft.config import make_config
-    from continual_ft.runner import report
-    from continual_ft.runner import run as run_config
+    from continual_ft.run.runner import report
+    from continual_ft.run.runner import run as run_config
     from continual_ft.strategies import strategy_names
 
     config = make_config(list(overrides), strategy_names())
@@ -53,7 +53,7 @@ def run(overrides, quiet):
 def _echo_main(text) -> None:
     """Print ``text()`` on the first process only (under torchrun every process runs this command), then
     close the process group of a multi-process run."""
-    from continual_ft.distributed import get_dist
+    from continual_ft.train.distributed import get_dist
 
     dist = get_dist()
     if dist.is_main:
@@ -75,15 +75,15 @@ def _echo_main(text) -> None:
 )
 def resume(run_dir, extra, quiet, changes):
     """Go on with an interrupted run in RUN_DIR, in the same directory, from its last checkpoint."""
-    from continual_ft.runner import report
-    from continual_ft.runner import resume as resume_run
+    from continual_ft.run.runner import report
+    from continual_ft.run.runner import resume as resume_run
 
     if extra:
         raise ContinualFTError(
             f"resume takes no settings ({extra[0]!r}): it goes on with the run's own config.yaml; "
             "use --set train.lr=... to change the learning rate"
         )
-    from continual_ft.results import load_results
+    from continual_ft.report.results import load_results
 
     if (Path(run_dir) / "results.json").is_file() and load_results(Path(run_dir)).get("complete"):
         _echo_main(lambda: f"{run_dir}: the run is already complete; nothing to resume")
@@ -100,7 +100,7 @@ def compare(args, out, quiet):
     """Compare runs: a grid of key=value settings (a,b,... spans values) or existing run directories."""
     import shlex
 
-    from continual_ft.compare import compare as compare_runs
+    from continual_ft.study.compare import compare as compare_runs
 
     command = "python cli.py compare " + shlex.join(args) + (f" --out {shlex.quote(out)}" if out else "")
     result = compare_runs(list(args), out=out, progress=not quiet, command=command, log=click.echo)
@@ -122,7 +122,7 @@ def tune(args, out, quiet):
     """
     import shlex
 
-    from continual_ft.tune import tune as tune_study
+    from continual_ft.study.tune import tune as tune_study
 
     command = "python cli.py tune " + shlex.join(args) + (f" --out {shlex.quote(out)}" if out else "")
     result = tune_study(list(args), out=out, progress=not quiet, command=command, log=click.echo)
@@ -141,11 +141,11 @@ def _summary(doc: str | None, width: int = 100) -> str:
 @cli.command(name="list")
 def list_():
     """Show the built-in scenarios, strategies, adapter modes, models and trackers."""
-    from continual_ft.adapters import ADAPTER_MODES, MERGE_METHODS
-    from continual_ft.models import MODELS
-    from continual_ft.scenario import list_scenarios
+    from continual_ft.data.scenario import list_scenarios
+    from continual_ft.model.adapters import ADAPTER_MODES, MERGE_METHODS
+    from continual_ft.model.loading import MODELS
+    from continual_ft.report.tracking import TRACKERS
     from continual_ft.strategies import AVALANCHE_STRATEGIES, STRATEGIES
-    from continual_ft.tracking import TRACKERS
 
     def section(title, items):
         click.echo(title)
@@ -168,7 +168,7 @@ def list_():
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def plot(run_dir):
     """Redraw a run's forgetting-matrix heatmaps from its results.json."""
-    from continual_ft.plots import plot_run
+    from continual_ft.report.plots import plot_run
 
     for path in plot_run(run_dir):
         click.echo(path)

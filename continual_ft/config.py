@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from continual_ft.errors import ContinualFTError
-from continual_ft.tracking import TRACKERS
+from continual_ft.report.tracking import TRACKERS
 
 __all__ = [
     "TrainConfig",

@@ -18,16 +18,16 @@ import torch
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
 
-from continual_ft.adapters import start_stage
-from continual_ft.batching import Encoder
 from continual_ft.config import LoraConfig
-from continual_ft.evaluation import evaluate_task
+from continual_ft.data.scenario import load_scenario
+from continual_ft.eval.metrics import summary
+from continual_ft.eval.scoring import evaluate_task
 from continual_ft.integrations.avalanche import CausalLMClassifier, StrategyPlugin, benchmark
-from continual_ft.metrics import summary
-from continual_ft.models import load_model
-from continual_ft.results import format_matrix, format_metrics
-from continual_ft.scenario import load_scenario
+from continual_ft.model.adapters import start_stage
+from continual_ft.model.loading import load_model
+from continual_ft.report.results import format_matrix, format_metrics
 from continual_ft.strategies import EWC, Replay
+from continual_ft.train.batching import Encoder
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""EWC + LwF with the Hugging Face ``Trainer``, through ``continual_ft.hf.ContinualTrainer``.
+"""EWC + LwF with the Hugging Face ``Trainer``, through ``continual_ft.integrations.hf_trainer.ContinualTrainer``.
 
     python examples/hf_trainer.py --model tiny --scenario legal_then_medical --quick
 
@@ -16,16 +16,16 @@ import tempfile
 import torch
 from transformers import TrainingArguments
 
-from continual_ft.adapters import start_stage
-from continual_ft.batching import Encoder
 from continual_ft.config import LoraConfig
-from continual_ft.evaluation import evaluate_task
-from continual_ft.hf import stage_info, train_stage_hf
-from continual_ft.metrics import summary
-from continual_ft.models import load_model
-from continual_ft.results import format_matrix, format_metrics
-from continual_ft.scenario import load_scenario
+from continual_ft.data.scenario import load_scenario
+from continual_ft.eval.metrics import summary
+from continual_ft.eval.scoring import evaluate_task
+from continual_ft.integrations.hf_trainer import stage_info, train_stage_hf
+from continual_ft.model.adapters import start_stage
+from continual_ft.model.loading import load_model
+from continual_ft.report.results import format_matrix, format_metrics
 from continual_ft.strategies import EWC, EWCConfig, LwF, LwFConfig
+from continual_ft.train.batching import Encoder
 
 
 def parse_args(argv=None) -> argparse.Namespace:

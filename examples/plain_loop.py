@@ -19,16 +19,17 @@ import random
 
 import torch
 
-from continual_ft.adapters import start_stage
-from continual_ft.batching import Encoder, collate, length_grouped_batches, to_device
 from continual_ft.config import LoraConfig
-from continual_ft.evaluation import evaluate_task
-from continual_ft.losses import token_loss
-from continual_ft.metrics import summary
-from continual_ft.models import load_model
-from continual_ft.results import format_matrix, format_metrics
-from continual_ft.scenario import load_scenario
-from continual_ft.stage import (
+from continual_ft.data.scenario import load_scenario
+from continual_ft.eval.metrics import summary
+from continual_ft.eval.scoring import evaluate_task
+from continual_ft.model.adapters import start_stage
+from continual_ft.model.loading import load_model
+from continual_ft.report.results import format_matrix, format_metrics
+from continual_ft.strategies import StageInfo, Strategy, build
+from continual_ft.train.batching import Encoder, collate, length_grouped_batches, to_device
+from continual_ft.train.losses import token_loss
+from continual_ft.train.protocol import (
     Batches,
     StageRun,
     after_backward,
@@ -37,7 +38,6 @@ from continual_ft.stage import (
     stage_info,
     total_penalty,
 )
-from continual_ft.strategies import StageInfo, Strategy, build
 
 
 def parse_args(argv=None) -> argparse.Namespace:

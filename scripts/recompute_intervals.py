@@ -3,18 +3,18 @@
     python scripts/recompute_intervals.py docs/results/seeds/report.md [more reports]   # rewrite in place
     python scripts/recompute_intervals.py --check docs/results/*/report.md              # exit 1 if stale
 
-The intervals over seeds (:func:`continual_ft.intervals.t_interval`, a Student t interval) need only
+The intervals over seeds (:func:`continual_ft.study.intervals.t_interval`, a Student t interval) need only
 each seed's metrics, which every report lists one run per row (ACC, BWT, forgetting, AIA, largest
 drop, one decimal), so a report whose runs are gone (``runs/`` is not kept) can be brought up to the
 current method without them. For every configuration of two or more seeds (its runs: the rows whose
 name without ``-seed<k>`` is the configuration's, in order) the script recomputes each column's
 interval with the library's function, and each paired difference against naive and joint (the
 configuration named ``…-naive-continue`` / ``…-joint-continue`` of the same report, paired by seed)
-with :func:`continual_ft.intervals.paired_intervals`; then rewrites the two tables with ``compare``'s
-own formatting (:mod:`continual_ft.seeds`), the method paragraph under the first, and ``acc_bwt.png``.
+with :func:`continual_ft.study.intervals.paired_intervals`; then rewrites the two tables with ``compare``'s
+own formatting (:mod:`continual_ft.study.over_seeds`), the method paragraph under the first, and ``acc_bwt.png``.
 
 What it cannot do, and says so in the report: the macro-F1 column's per-seed values are not in the
-report, so its interval comes from the printed mean ± std (:func:`continual_ft.intervals.student_t`;
+report, so its interval comes from the printed mean ± std (:func:`continual_ft.study.intervals.student_t`;
 bounds to about ±0.2); one-decimal per-seed values move bounds by up to 0.1 against what ``compare``
 prints from the runs; a one-seed configuration's interval is a bootstrap over its test examples and
 needs the run's stored predictions, so its cells are left as they are. Before writing, every
@@ -33,15 +33,15 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from continual_ft.errors import ContinualFTError  # noqa: E402
-from continual_ft.intervals import Interval, mean_std, paired_intervals, student_t, t_interval  # noqa: E402
-from continual_ft.plots import metric_bars  # noqa: E402
-from continual_ft.seeds import NOTE, REFERENCES, SHOWN, Group, bar_values, format_groups, format_significance  # noqa: E402
+from continual_ft.report.plots import metric_bars  # noqa: E402
+from continual_ft.study.intervals import Interval, mean_std, paired_intervals, student_t, t_interval  # noqa: E402
+from continual_ft.study.over_seeds import NOTE, REFERENCES, SHOWN, Group, bar_values, format_groups, format_significance  # noqa: E402
 
 PRIMARY = "primary"  # the runs' primary metric, whatever it is: the report's columns are on it
 RUN_COLUMNS = {"ACC (%)": "acc", "BWT (%)": "bwt", "forgetting (%)": "forgetting", "AIA (%)": "aia"}
 RUN_COLUMNS["largest drop (%)"] = "max_drop"
 CELL = re.compile(r"^([+-]?[\d.]+)(?: ± ([\d.]+))?(?: \[([+-]?[\d.]+), ([+-]?[\d.]+)\])?( \*)?$")
-SEED_SUFFIX = re.compile(r"-seed-?\d+(?=-|$)")  # as continual_ft.seeds.group_runs names a configuration
+SEED_SUFFIX = re.compile(r"-seed-?\d+(?=-|$)")  # as continual_ft.study.over_seeds.group_runs names a configuration
 RECOMPUTED = (
     "Intervals and differences recomputed with `scripts/recompute_intervals.py` from the per-seed values "
     'of the "Every run" table (one decimal, so bounds may differ by 0.1 from what `compare` prints from '

@@ -96,7 +96,7 @@ class AvalancheStrategy(Strategy):
         if "+" in config.strategy:
             # Its loop is Avalanche's: our strategies' hooks beside it would never be called.
             raise ContinualFTError(f"strategy={self.name} runs alone (Avalanche's plugins act inside its own loop)")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun/accelerate (continual_ft.distributed)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun/accelerate
             raise ContinualFTError(f"strategy={self.name} runs in one process: launch it without torchrun/accelerate")
         t = config.train
         unsupported = {
@@ -135,11 +135,11 @@ class AvalancheStrategy(Strategy):
             )
 
     def train_stage(self, model, encoder, examples, validation, cfg, strategies=(), stage=None, **kw):
-        """One stage with Avalanche's loop; the runner's signature of ``continual_ft.trainer.train_stage``."""
+        """One stage with Avalanche's loop; the runner's signature of ``continual_ft.train.loop.train_stage``."""
         import torch
 
         from continual_ft.integrations import avalanche as av
-        from continual_ft.trainer import validation_loss
+        from continual_ft.train.loop import validation_loss
 
         dist = kw.get("dist")
         if dist is not None and dist.world > 1:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from continual_ft.data import Example
+from continual_ft.data.tasks import Example
 
 __all__ = ["Strategy", "StageInfo"]
 
@@ -44,7 +44,8 @@ class StageInfo:
     batches: Callable[[list[Example]], Iterable[dict]] = field(repr=False)  # examples -> tokenized batches
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] = field(repr=False)  # mean answer-token loss of a batch
     # (model, prompts, max_new_tokens, *, chat, temperature, top_p, seed) -> the model's text after each
-    # prompt (:meth:`continual_ft.stage.Batches.generate`): self-synthesized rehearsal writes its examples with it.
+    # prompt (:meth:`continual_ft.train.protocol.Batches.generate`): self-synthesized rehearsal writes its
+    # examples with it.
     generate: Callable[..., list[str]] | None = field(default=None, repr=False)
     final: bool = False  # no stage follows in this run: work only later stages use (EWC's Fisher) can be skipped
     # Sums a tensor over the processes of a multi-process run (identity in one process): a strategy
@@ -64,9 +65,10 @@ class Strategy:
     uses_model = True
     #: Whether its hooks work on FSDP2's DTensor shards and keep a run equal to one process (docs/distributed.md).
     handles_shards = False
-    #: The adapter modes (``adapter=``, :data:`continual_ft.adapters.ADAPTER_MODES`) in which the strategy does what
-    #: its name says; ``None``: every mode (a strategy that only picks data). In any other mode ``check_config``
-    #: stops the run before anything is written with ``strategy=<name> needs adapter=<these>: <adapter_refusal>``
+    #: The adapter modes (``adapter=``, :data:`continual_ft.model.adapters.ADAPTER_MODES`) in which the strategy
+    #: does what its name says; ``None``: every mode (a strategy that only picks data). In any other mode
+    #: ``check_config`` stops the run before anything is written with
+    #: ``strategy=<name> needs adapter=<these>: <adapter_refusal>``
     #: (the table in docs/strategies.md says which strategy acts in which mode, and the test that shows it).
     adapter_modes: tuple[str, ...] | None = None
     #: Why it does nothing of its own in the other modes, one clause; ``{adapter}`` is the mode refused.

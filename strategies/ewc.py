@@ -23,8 +23,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from continual_ft.errors import ContinualFTError
-from continual_ft.strategies._sharded import Layout, local, max_over_ranks, sum_over_ranks
 from continual_ft.strategies.base import StageInfo, Strategy
+from continual_ft.strategies.sharded import Layout, local, max_over_ranks, sum_over_ranks
 
 __all__ = ["EWC", "EWCConfig"]
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from continual_ft.data import Example
+from continual_ft.data.tasks import Example
 from continual_ft.strategies.base import StageInfo, Strategy
 
 __all__ = ["Joint", "JointConfig"]

@@ -25,10 +25,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.func import functional_call
 
-from continual_ft.adapters import evaluated_adapter, only_adapter
 from continual_ft.errors import ContinualFTError
-from continual_ft.losses import answer_logits, model_inputs
+from continual_ft.model.adapters import evaluated_adapter, only_adapter
 from continual_ft.strategies.base import StageInfo, Strategy
+from continual_ft.train.losses import answer_logits, model_inputs
 
 __all__ = ["LwF", "LwFConfig"]
 
@@ -64,7 +64,7 @@ def distilled_rows(batch: dict, fraction: float) -> tuple[torch.Tensor, int, int
     The rows are ``fraction`` of the global batch's, evenly spaced (:func:`spread_rows`), as one process
     holding all of it would choose them. A batch that is a process's share of it (or a part cut to a token
     budget) says where its rows sit in it (``global_rows``, ``global_answer_tokens``:
-    :func:`continual_ft.batching.in_global_batch`) and gets those of its rows that were chosen, possibly
+    :func:`continual_ft.train.batching.in_global_batch`) and gets those of its rows that were chosen, possibly
     none; a batch without them is its own global batch. A packed batch is one row: distilled whole.
     """
     own = (batch["labels"] != -100).sum(-1).tolist()
@@ -127,7 +127,7 @@ class LwF(Strategy):
     * ``adapter=merge_final``: the fresh adapter trains from the base alone, so a snapshot of it would
       teach the base model. The teacher is instead the combination ``merged`` of the earlier stages,
       the model evaluated after the previous stage, which the model keeps inactive during the stage
-      (:func:`continual_ft.adapters.evaluated_adapter`): its forward runs with that adapter alone.
+      (:func:`continual_ft.model.adapters.evaluated_adapter`): its forward runs with that adapter alone.
     """
 
     name = "lwf"

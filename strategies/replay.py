@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from continual_ft.data import Example
+from continual_ft.data.tasks import Example
 from continual_ft.errors import ContinualFTError
 from continual_ft.strategies.base import StageInfo, Strategy
 

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from continual_ft.data import Example
+from continual_ft.data.tasks import Example
 from continual_ft.errors import ContinualFTError
-from continual_ft.evaluation import normalize_answer
+from continual_ft.eval.scoring import normalize_answer
 from continual_ft.strategies.base import StageInfo, Strategy
 from continual_ft.strategies.replay import draw
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from continual_ft.data import Example
+from continual_ft.data.tasks import Example
 from continual_ft.errors import ContinualFTError
 from continual_ft.strategies.base import StageInfo, Strategy
 

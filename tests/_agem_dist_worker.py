@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from continual_ft.adapters import start_stage
-from continual_ft.batching import Encoder, collate, to_device
 from continual_ft.config import LoraConfig
-from continual_ft.data import Example
-from continual_ft.distributed import get_dist
-from continual_ft.models import load_model
-from continual_ft.stage import Batches, stage_info
+from continual_ft.data.tasks import Example
+from continual_ft.model.adapters import start_stage
+from continual_ft.model.loading import load_model
 from continual_ft.strategies.agem import AGEM, AGEMConfig, project
-from continual_ft.trainer import backward_step
+from continual_ft.train.batching import Encoder, collate, to_device
+from continual_ft.train.distributed import get_dist
+from continual_ft.train.loop import backward_step
+from continual_ft.train.protocol import Batches, stage_info
 
 
 def examples(task: str, answers: tuple[str, str]) -> list[Example]:

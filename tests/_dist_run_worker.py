@@ -15,11 +15,11 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from continual_ft import runner
 from continual_ft.config import make_config
-from continual_ft.distributed import get_dist
-from continual_ft.runner import run
+from continual_ft.run import runner
+from continual_ft.run.runner import run
 from continual_ft.strategies import STRATEGIES
+from continual_ft.train.distributed import get_dist
 
 if __name__ == "__main__":
     out, overrides = Path(sys.argv[1]), sys.argv[2:]

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from continual_ft.adapters import start_stage
-from continual_ft.batching import Encoder, collate
 from continual_ft.config import LoraConfig
-from continual_ft.data import Example, Task
-from continual_ft.distributed import Dist, get_dist
-from continual_ft.evaluation import evaluate_task
-from continual_ft.losses import token_loss
-from continual_ft.models import load_model
+from continual_ft.data.tasks import Example, Task
+from continual_ft.eval.scoring import evaluate_task
+from continual_ft.model.adapters import start_stage
+from continual_ft.model.loading import load_model
+from continual_ft.train.batching import Encoder, collate
+from continual_ft.train.distributed import Dist, get_dist
+from continual_ft.train.losses import token_loss
 
 LABELS = ["yes", "no", "maybe"]
 N_MICRO = 4  # global micro-batches of one optimizer step: 2 per rank with 2 ranks

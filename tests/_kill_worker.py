@@ -14,8 +14,9 @@ import os
 import signal
 import sys
 
-from continual_ft import runner, trainer
 from continual_ft.cli import main
+from continual_ft.run import runner
+from continual_ft.train import loop as trainer
 
 
 def die(*args, **kwargs):

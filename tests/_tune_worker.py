@@ -18,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from continual_ft import runner, tune
 from continual_ft.cli import main
+from continual_ft.run import runner
+from continual_ft.study import tune
 
 real_run = runner.run
 

@@ -1,6 +1,6 @@
 """Shared test helpers: a tiny LoRA model, toy examples and a real ``StageInfo`` for strategy tests.
 
-``make_stage`` builds ``batches``/``loss_fn`` with ``continual_ft.stage``, as the runner does, so a
+``make_stage`` builds ``batches``/``loss_fn`` with ``continual_ft.train.protocol``, as the runner does, so a
 strategy tested here sees the same batches it sees in a run.
 """
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from continual_ft.adapters import start_stage
-from continual_ft.batching import Encoder
 from continual_ft.config import LoraConfig
-from continual_ft.data import Example
-from continual_ft.models import load_model
-from continual_ft.stage import Batches, stage_info
+from continual_ft.data.tasks import Example
+from continual_ft.model.adapters import start_stage
+from continual_ft.model.loading import load_model
 from continual_ft.strategies import StageInfo
+from continual_ft.train.batching import Encoder
+from continual_ft.train.protocol import Batches, stage_info
 
 DEFAULT_LABELS = ("yes", "no")
 

@@ -1,4 +1,4 @@
-"""Two toy stages through any loop that calls ``continual_ft.stage.run_stage``, and what each strategy must
+"""Two toy stages through any loop that calls ``continual_ft.train.protocol.run_stage``, and what each strategy must
 have done there: the same effect checks for the HF ``Trainer`` (test_hf_integration.py) and the plain loop
 (test_examples.py).
 
@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 from conftest import make_examples
 
-from continual_ft.adapters import start_stage
-from continual_ft.batching import Encoded, Encoder
 from continual_ft.config import LoraConfig
-from continual_ft.data import Example
-from continual_ft.models import load_model
+from continual_ft.data.tasks import Example
+from continual_ft.model.adapters import start_stage
+from continual_ft.model.loading import load_model
 from continual_ft.strategies import Strategy, build
+from continual_ft.train.batching import Encoded, Encoder
 
 Loop = Callable[[torch.nn.Module, Encoder, int, list[Example], list[Strategy], bool], list[Encoded]]
 

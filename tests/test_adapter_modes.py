@@ -7,17 +7,17 @@ from peft import PeftModel
 from toy import write_toy_scenario
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from continual_ft import adapters
-from continual_ft.adapters import MERGE_METHODS, finish_stage, start_stage
-from continual_ft.batching import Encoder
 from continual_ft.config import LoraConfig, MergeConfig, TrainConfig, make_config
 from continual_ft.errors import ContinualFTError
-from continual_ft.models import load_model
-from continual_ft.runner import run
+from continual_ft.model import adapters
+from continual_ft.model.adapters import MERGE_METHODS, finish_stage, start_stage
+from continual_ft.model.loading import load_model
+from continual_ft.run.runner import run
 from continual_ft.strategies import AGEM, EWC, STRATEGIES, LwF
 from continual_ft.strategies.agem import AGEMConfig
 from continual_ft.strategies.ewc import EWCConfig
-from continual_ft.trainer import train_stage
+from continual_ft.train.batching import Encoder
+from continual_ft.train.loop import train_stage
 
 IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -389,7 +389,7 @@ REFUSED = (
 
 
 def test_every_strategy_runs_in_every_adapter_mode_but_the_refused_ones():
-    from continual_ft.checks import check_config
+    from continual_ft.run.checks import check_config
 
     for name in STRATEGIES:
         for mode in adapters.ADAPTER_MODES:
@@ -478,7 +478,7 @@ AVALANCHE_MODES = {
 
 
 def test_avalanche_strategies_are_refused_where_they_would_do_nothing_of_their_own():
-    from continual_ft.checks import check_adapter
+    from continual_ft.run.checks import check_adapter
     from continual_ft.strategies import AVALANCHE_STRATEGIES, build
 
     assert set(AVALANCHE_MODES) == set(AVALANCHE_STRATEGIES)

@@ -3,9 +3,9 @@
 import torch
 from peft import PeftModel
 
-from continual_ft.adapters import save_stage, start_stage
 from continual_ft.config import LoraConfig
-from continual_ft.models import load_model
+from continual_ft.model.adapters import save_stage, start_stage
+from continual_ft.model.loading import load_model
 
 
 def _perturb(model):

@@ -7,17 +7,17 @@ import pytest
 import torch
 from conftest import make_examples, make_stage
 
-from continual_ft._state import load_tree, save_tree
-from continual_ft.adapters import start_stage
-from continual_ft.batching import Encoder
 from continual_ft.config import LoraConfig, TrainConfig
-from continual_ft.data import Example
+from continual_ft.data.tasks import Example
 from continual_ft.errors import ContinualFTError
-from continual_ft.models import load_model
-from continual_ft.stage import run_stage
+from continual_ft.model.adapters import start_stage
+from continual_ft.model.loading import load_model
+from continual_ft.run.state_codec import load_tree, save_tree
 from continual_ft.strategies import Strategy, build
 from continual_ft.strategies.agem import AGEM, AGEMConfig, project
-from continual_ft.trainer import train_stage, validation_loss
+from continual_ft.train.batching import Encoder
+from continual_ft.train.loop import train_stage, validation_loss
+from continual_ft.train.protocol import run_stage
 
 
 def flipped(examples: list[Example]) -> list[Example]:

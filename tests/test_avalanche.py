@@ -23,14 +23,11 @@ from avalanche.training.templates import SupervisedMetaLearningTemplate  # noqa:
 from conftest import make_examples  # noqa: E402
 from toy import write_toy_scenario  # noqa: E402
 
-from continual_ft import metrics  # noqa: E402
-from continual_ft.adapters import start_stage  # noqa: E402
-from continual_ft.batching import Encoder, collate  # noqa: E402
-from continual_ft.checks import check_config  # noqa: E402
-from continual_ft.compare import compare, format_table  # noqa: E402
 from continual_ft.config import LoraConfig, TrainConfig, make_config  # noqa: E402
-from continual_ft.data import Example  # noqa: E402
+from continual_ft.data.scenario import load_scenario  # noqa: E402
+from continual_ft.data.tasks import Example  # noqa: E402
 from continual_ft.errors import ContinualFTError  # noqa: E402
+from continual_ft.eval import metrics  # noqa: E402
 from continual_ft.integrations.avalanche import (  # noqa: E402
     CausalLMClassifier,
     StrategyPlugin,
@@ -38,9 +35,9 @@ from continual_ft.integrations.avalanche import (  # noqa: E402
     experience,
     run_experience,
 )
-from continual_ft.losses import mean_token_loss  # noqa: E402
-from continual_ft.models import load_model  # noqa: E402
-from continual_ft.scenario import load_scenario  # noqa: E402
+from continual_ft.model.adapters import start_stage  # noqa: E402
+from continual_ft.model.loading import load_model  # noqa: E402
+from continual_ft.run.checks import check_config  # noqa: E402
 from continual_ft.strategies import STRATEGIES, Strategy, build, strategy_names  # noqa: E402
 from continual_ft.strategies.agem import AGEM, AGEMConfig  # noqa: E402
 from continual_ft.strategies.ewc import EWC, EWCConfig  # noqa: E402
@@ -50,6 +47,9 @@ from continual_ft.strategies.olora import OLoRA  # noqa: E402
 from continual_ft.strategies.replay import Replay, ReplayConfig  # noqa: E402
 from continual_ft.strategies.ssr import SSR, SSRConfig  # noqa: E402
 from continual_ft.strategies.task_balanced import TaskBalanced, TaskBalancedConfig  # noqa: E402
+from continual_ft.study.compare import compare, format_table  # noqa: E402
+from continual_ft.train.batching import Encoder, collate  # noqa: E402
+from continual_ft.train.losses import mean_token_loss  # noqa: E402
 
 TRAIN, TEST = 16, 6
 

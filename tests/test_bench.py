@@ -74,7 +74,7 @@ def test_packed_rows_count_their_real_tokens(tmp_path):
 def test_step_timer_leaves_the_fill_of_a_packed_row_out():
     from meters import StepTimer
 
-    from continual_ft.batching import Encoded, collate_packed
+    from continual_ft.train.batching import Encoded, collate_packed
 
     items = [Encoded((5, 6, 7), (8, 2), "a"), Encoded((9, 10), (2,), "a")]
     model = torch.nn.Linear(1, 1)
@@ -98,8 +98,8 @@ def test_step_timer_counts_the_real_tokens_whose_logits_are_computed():
     only those positions' real tokens; a plain forward (the HF Trainer's) projects every real token."""
     from meters import StepTimer
 
-    from continual_ft.batching import Encoded, collate
-    from continual_ft.losses import model_inputs
+    from continual_ft.train.batching import Encoded, collate
+    from continual_ft.train.losses import model_inputs
 
     items = [Encoded((5, 6, 7, 8), (9, 2), "a"), Encoded((4,), (2,), "a")]  # 6 and 2 real tokens, width 6
     batch = collate(items, 0)
@@ -152,7 +152,7 @@ def test_random_arch_bench_runs_without_datasets(tmp_path):
     assert "smollm2-135m (random weights, 2 layers)" in proc.stdout
 
     # model=<dir> loads it as any local checkpoint: what `continual-ft run model=<dir>` does.
-    from continual_ft.models import load_model
+    from continual_ft.model.loading import load_model
 
     model, tokenizer = load_model(str(ckpt))
     assert model.config.num_hidden_layers == 2 and len(tokenizer) == 400

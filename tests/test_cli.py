@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from toy import write_toy_scenario
 
-from continual_ft.adapters import ADAPTER_MODES
 from continual_ft.cli import main
-from continual_ft.scenario import list_scenarios
+from continual_ft.data.scenario import list_scenarios
+from continual_ft.model.adapters import ADAPTER_MODES
 from continual_ft.strategies import STRATEGIES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,13 +7,14 @@ import pytest
 import yaml
 from toy import write_toy_scenario
 
-from continual_ft import predictions, runner
 from continual_ft.cli import main
-from continual_ft.compare import Entry, compare, find_finished, format_stage_table, grid_configs, split_values
 from continual_ft.config import make_config
 from continual_ft.errors import ContinualFTError
-from continual_ft.intervals import t_interval, t_quantile
+from continual_ft.eval import predictions
+from continual_ft.run import runner
 from continual_ft.strategies import STRATEGIES
+from continual_ft.study.compare import Entry, compare, find_finished, format_stage_table, grid_configs, split_values
+from continual_ft.study.intervals import t_interval, t_quantile
 
 FAST = ["model=tiny", "precision=fp32", "train.max_steps=2", "train.batch_size=4"]
 

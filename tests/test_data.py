@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from continual_ft._sources import NEAR_DUPLICATE, _near_duplicate_groups, _shingles
-from continual_ft._spec import OPTIONS
-from continual_ft.data import SOURCES, SPLITS, TaskSpec, build_task, icd10_chapter, split_of
+from continual_ft.data.sources import NEAR_DUPLICATE, _near_duplicate_groups, _shingles
+from continual_ft.data.spec import OPTIONS
+from continual_ft.data.tasks import SOURCES, SPLITS, TaskSpec, build_task, icd10_chapter, split_of
 from continual_ft.errors import ContinualFTError
 
 
@@ -45,10 +45,13 @@ def imported(module: str) -> set[str]:
 
 
 def test_loaders_never_import_the_module_that_registers_them():
-    assert not imported("continual_ft._sources") & {"continual_ft.data", "continual_ft.scenario"}
-    assert not imported("continual_ft._spec") & {"continual_ft.data", "continual_ft._sources", "continual_ft.scenario"}
+    assert not imported("continual_ft.data.sources") & {"continual_ft.data.tasks", "continual_ft.data.scenario"}
+    above = {"continual_ft.data.tasks", "continual_ft.data.sources", "continual_ft.data.scenario"}
+    assert not imported("continual_ft.data.spec") & above
     # Imported first in a fresh process, the loaders come up on their own (an import circle would fail here).
-    code = "import continual_ft._sources as s, continual_ft.data as d; assert d.SOURCES['jsonl'] is s.load_jsonl"
+    code = (
+        "import continual_ft.data.sources as s, continual_ft.data.tasks as d; assert d.SOURCES['jsonl'] is s.load_jsonl"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

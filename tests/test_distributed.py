@@ -16,10 +16,10 @@ import _dist_worker as worker
 import pytest
 import torch
 
-from continual_ft.batching import Encoder
-from continual_ft.distributed import CPU_ENV, get_dist
-from continual_ft.evaluation import evaluate_task
-from continual_ft.losses import token_loss
+from continual_ft.eval.scoring import evaluate_task
+from continual_ft.train.batching import Encoder
+from continual_ft.train.distributed import CPU_ENV, get_dist
+from continual_ft.train.losses import token_loss
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 # fp32 gradients of a step split over 2 ranks vs one process: W = 2 scales exactly, but the

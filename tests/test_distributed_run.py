@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from test_distributed import free_port
 from toy import write_toy_scenario
 
-from continual_ft.distributed import CPU_ENV
+from continual_ft.train.distributed import CPU_ENV
 
 WORKER = Path(__file__).with_name("_dist_run_worker.py")
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from continual_ft.adapters import start_stage
-from continual_ft.batching import Encoder, collate
 from continual_ft.config import LoraConfig
-from continual_ft.data import Example, Task
-from continual_ft.evaluation import _predict, evaluate_task, normalize_answer
-from continual_ft.losses import token_loss
-from continual_ft.models import load_model
+from continual_ft.data.tasks import Example, Task
+from continual_ft.eval.scoring import _predict, evaluate_task, normalize_answer
+from continual_ft.model.adapters import start_stage
+from continual_ft.model.loading import load_model
+from continual_ft.train.batching import Encoder, collate
+from continual_ft.train.losses import token_loss
 
 LABELS = ["yes", "no", "maybe", "maybe not"]  # "maybe" is a prefix of "maybe not": they share trie nodes
 WRITTEN = {"yes": "Yes", "no": "no", "maybe": "maybe.", "maybe not": "maybe not"}  # the answers trained on
@@ -141,6 +141,6 @@ def test_eval_mode_restored_and_no_gradients(trained):
     ],
 )
 def test_settled(text, settled, trained):
-    from continual_ft.evaluation import _Answer
+    from continual_ft.eval.scoring import _Answer
 
     assert _Answer(trained[1].tokenizer, LABELS).settled(text) is settled

@@ -10,7 +10,7 @@ import pytest
 from loop_effects import LOOP_CASES, two_stages
 from toy import write_toy_scenario
 
-from continual_ft.stage import Batches, stage_info
+from continual_ft.train.protocol import Batches, stage_info
 
 ROOT = Path(__file__).resolve().parent.parent
 

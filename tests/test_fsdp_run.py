@@ -26,12 +26,12 @@ from test_distributed import free_port
 from test_resume import _files
 from toy import write_toy_scenario
 
-from continual_ft._state import load_tree
-from continual_ft.checks import check_fsdp
 from continual_ft.config import make_config
-from continual_ft.distributed import CPU_ENV
 from continual_ft.errors import ContinualFTError
+from continual_ft.run.checks import check_fsdp
+from continual_ft.run.state_codec import load_tree
 from continual_ft.strategies import STRATEGIES, build
+from continual_ft.train.distributed import CPU_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_dist_run_worker.py")

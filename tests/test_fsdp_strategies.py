@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import load_file
 from test_fsdp_run import _settings, _torchrun, assert_sharded_equals_one, fsdp_env, kill_when, one_and_two
 
-from continual_ft._state import load_tree
-from continual_ft.checks import check_fsdp
 from continual_ft.config import make_config
-from continual_ft.distributed import CPU_ENV
+from continual_ft.run.checks import check_fsdp
+from continual_ft.run.state_codec import load_tree
 from continual_ft.strategies import STRATEGIES, build
+from continual_ft.train.distributed import CPU_ENV
 
 #: Stage 2: 24 own examples and 9 replayed (round(0.27 / 0.73 · 24)), 4 a global batch: an epoch's last batch
 #: holds one row, and rank 1 trains on a zero-weight copy without answer rows, where LwF must still join the

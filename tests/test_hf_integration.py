@@ -5,17 +5,17 @@ import torch
 from conftest import make_examples
 from loop_effects import LOOP_CASES, two_stages
 
-from continual_ft import hf
-from continual_ft.adapters import start_stage
-from continual_ft.batching import Encoder
 from continual_ft.config import LoraConfig
 from continual_ft.errors import ContinualFTError
-from continual_ft.hf import Collator, ContinualTrainer, ExampleDataset, stage_info, train_stage_hf
-from continual_ft.losses import mean_token_loss
-from continual_ft.models import load_model
+from continual_ft.integrations import hf_trainer as hf
+from continual_ft.integrations.hf_trainer import Collator, ContinualTrainer, ExampleDataset, stage_info, train_stage_hf
+from continual_ft.model.adapters import start_stage
+from continual_ft.model.loading import load_model
 from continual_ft.strategies import Strategy
 from continual_ft.strategies.agem import AGEM, AGEMConfig
 from continual_ft.strategies.lwf import LwF
+from continual_ft.train.batching import Encoder
+from continual_ft.train.losses import mean_token_loss
 
 pytest.importorskip("accelerate")  # transformers.Trainer needs it
 from transformers import TrainingArguments  # noqa: E402

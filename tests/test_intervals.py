@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from continual_ft import metrics
-from continual_ft.intervals import (
+from continual_ft.eval import metrics
+from continual_ft.study.intervals import (
     RunSample,
     intervals,
     mean_std,

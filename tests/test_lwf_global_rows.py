@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import make_examples, make_stage
 
-from continual_ft.batching import Encoder, collate, collate_packed, in_global_batch
 from continual_ft.config import TrainConfig
 from continual_ft.strategies.lwf import LwF, distilled_rows, spread_rows
-from continual_ft.trainer import backward_step, train_stage
+from continual_ft.train.batching import Encoder, collate, collate_packed, in_global_batch
+from continual_ft.train.loop import backward_step, train_stage
 
 #: Answers of 2 to 5 tokens with the end of text (the tiny model's tokenizer), so the shares' answer-token
 #: counts differ and a mean per share is not the mean over the batch.

@@ -7,14 +7,14 @@ import torch
 from conftest import make_examples, make_stage
 from peft.tuners.lora import LoraLayer
 
-from continual_ft.adapters import start_stage
 from continual_ft.config import LoraConfig, make_config
 from continual_ft.errors import ContinualFTError
-from continual_ft.losses import model_inputs, token_loss
-from continual_ft.runner import run
+from continual_ft.model.adapters import start_stage
+from continual_ft.run.runner import run
 from continual_ft.strategies import STRATEGIES
 from continual_ft.strategies.lwf import LwF, LwFConfig, select_rows, spread_rows
 from continual_ft.strategies.olora import OLoRA, OLoRAConfig
+from continual_ft.train.losses import model_inputs, token_loss
 
 
 def _perturb(model, scale=0.5, only=None):
@@ -200,7 +200,7 @@ def test_olora_gradient_reaches_only_the_new_adapter(two_adapters):
 
 
 def test_olora_first_stage_has_nothing_to_be_orthogonal_to():
-    from continual_ft.models import load_model
+    from continual_ft.model.loading import load_model
 
     model, tokenizer = load_model("tiny", seed=0)
     model = start_stage(model, "new", 0, LoraConfig())

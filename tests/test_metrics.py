@@ -2,7 +2,7 @@
 
 import pytest
 
-from continual_ft import metrics
+from continual_ft.eval import metrics
 
 # rows: before training, after stage 1, 2, 3; columns: tasks learned in stages 1, 2, 3
 R = [

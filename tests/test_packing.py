@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import make_examples
 
-from continual_ft.batching import Encoder, collate, collate_packed, length_grouped_batches
-from continual_ft.losses import token_loss
+from continual_ft.train.batching import Encoder, collate, collate_packed, length_grouped_batches
+from continual_ft.train.losses import token_loss
 
 
 @pytest.fixture

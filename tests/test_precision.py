@@ -10,11 +10,11 @@ import pytest
 import torch
 from toy import write_toy_scenario
 
-from continual_ft import precision
 from continual_ft.config import make_config
-from continual_ft.precision import PrecisionChoice, choose_precision, pick
-from continual_ft.runner import resume, run
-from continual_ft.trainer import resolve_precision
+from continual_ft.run.runner import resume, run
+from continual_ft.train import precision
+from continual_ft.train.loop import resolve_precision
+from continual_ft.train.precision import PrecisionChoice, choose_precision, pick
 
 CPU = torch.device("cpu")
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from continual_ft import predictions
+from continual_ft.eval import predictions
 
 
 def test_majority_label_predictor_scores_high_accuracy_and_low_macro_f1():

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from test_fsdp_run import _launch, fsdp_env
 from toy import write_toy_scenario
 
-from continual_ft import distributed
 from continual_ft.config import make_config
-from continual_ft.distributed import CPU_ENV
-from continual_ft.models import load_model
-from continual_ft.runner import _quantization, run
+from continual_ft.model.loading import load_model
+from continual_ft.run.runner import _quantization, run
+from continual_ft.train import distributed
+from continual_ft.train.distributed import CPU_ENV
 
 pytest.importorskip("bitsandbytes")
 

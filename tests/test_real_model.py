@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 
 from continual_ft.config import make_config
-from continual_ft.models import load_model
-from continual_ft.runner import run
+from continual_ft.model.loading import load_model
+from continual_ft.run.runner import run
 
 pytestmark = [
     pytest.mark.real,

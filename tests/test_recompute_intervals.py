@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from continual_ft.intervals import t_interval
+from continual_ft.study.intervals import t_interval
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "recompute_intervals.py"
 

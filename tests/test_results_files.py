@@ -7,12 +7,12 @@ from types import SimpleNamespace
 import matplotlib.pyplot as plt
 import pytest
 
-from continual_ft import models
-from continual_ft.adapters import save_stage, start_stage
 from continual_ft.config import LoraConfig
-from continual_ft.plots import save_figure
-from continual_ft.predictions import write_row
-from continual_ft.results import atomic_dir, atomic_write, umask, write_json
+from continual_ft.eval.predictions import write_row
+from continual_ft.files import atomic_dir, atomic_write, umask, write_json
+from continual_ft.model import loading as models
+from continual_ft.model.adapters import save_stage, start_stage
+from continual_ft.report.plots import save_figure
 
 
 def mode(path) -> int:

@@ -23,7 +23,7 @@ import pytest
 from toy import write_toy_scenario
 
 from continual_ft.cli import main
-from continual_ft.distributed import CPU_ENV
+from continual_ft.train.distributed import CPU_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, str(ROOT / "cli.py")]

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from continual_ft.config import make_config
+from continual_ft.data.scenario import METRICS, Scenario, list_scenarios, load_scenario, scenario_files
 from continual_ft.errors import ContinualFTError
-from continual_ft.scenario import METRICS, Scenario, list_scenarios, load_scenario, scenario_files
 
 #: Shipped scenario -> its tasks and their sources.
 SHIPPED = {

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import make_examples, make_stage
 
-from continual_ft.data import Example
+from continual_ft.data.tasks import Example
 from continual_ft.errors import ContinualFTError
-from continual_ft.generation import nucleus
 from continual_ft.strategies import StageInfo, build
 from continual_ft.strategies.ssr import MARK, SSR, SSRConfig, _Slot, template
+from continual_ft.train.generation import nucleus
 
 
 def _greedy(model, tokenizer, text: str, n: int) -> str:

@@ -23,19 +23,19 @@ from conftest import make_examples, make_stage
 from safetensors.torch import load_file
 from toy import write_toy_scenario
 
-from continual_ft import runner
-from continual_ft._state import STATE_FILE, TENSORS_FILE, load_tree, save_tree
-from continual_ft.adapters import start_stage
-from continual_ft.batching import collate, collate_packed
 from continual_ft.config import make_config
-from continual_ft.data import Example
+from continual_ft.data.tasks import Example
 from continual_ft.errors import ContinualFTError
-from continual_ft.runner import run
-from continual_ft.stage import after_backward
+from continual_ft.model.adapters import start_stage
+from continual_ft.run import runner
+from continual_ft.run.runner import run
+from continual_ft.run.state_codec import STATE_FILE, TENSORS_FILE, load_tree, save_tree
 from continual_ft.strategies import STRATEGIES, StageInfo, Strategy, build, settings
 from continual_ft.strategies.ewc import EWC
 from continual_ft.strategies.replay import Replay
-from continual_ft.trainer import backward_step
+from continual_ft.train.batching import collate, collate_packed
+from continual_ft.train.loop import backward_step
+from continual_ft.train.protocol import after_backward
 
 # ---- what a run shows ------------------------------------------------------------------------------
 

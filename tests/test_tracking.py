@@ -24,9 +24,9 @@ from toy import write_toy_scenario
 from continual_ft.cli import main
 from continual_ft.config import make_config
 from continual_ft.errors import ContinualFTError
-from continual_ft.runner import _open_tracking, resume, run
+from continual_ft.report.tracking import TRACKERS, MLflowTracker, check_trackers
+from continual_ft.run.runner import _open_tracking, resume, run
 from continual_ft.strategies import STRATEGIES
-from continual_ft.tracking import TRACKERS, MLflowTracker, check_trackers
 
 STEPS = 3  # per stage; two stages
 

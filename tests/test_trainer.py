@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from continual_ft.adapters import start_stage
-from continual_ft.batching import Encoder, collate, length_grouped_batches
 from continual_ft.config import LoraConfig, TrainConfig
-from continual_ft.data import Example
-from continual_ft.models import load_model
-from continual_ft.trainer import backward_step, train_stage, validation_loss
+from continual_ft.data.tasks import Example
+from continual_ft.model.adapters import start_stage
+from continual_ft.model.loading import load_model
+from continual_ft.train.batching import Encoder, collate, length_grouped_batches
+from continual_ft.train.loop import backward_step, train_stage, validation_loss
 
 
 def examples(n=16, seed=0):
@@ -125,7 +125,7 @@ def test_peak_memory_is_per_run_after_a_reset():
     # A fresh process: in this one, earlier tests' freed memory may still be resident and hide the drop.
     code = """
 import torch
-from continual_ft.runner import peak_memory_mb, reset_peak_memory
+from continual_ft.run.runner import peak_memory_mb, reset_peak_memory
 cpu = torch.device("cpu")
 reset_peak_memory(cpu)
 big = torch.ones(300 * 2**20 // 4)  # 300 MB, touched
@@ -159,7 +159,7 @@ def test_split_batches_train_the_same_steps(setup):
 
 
 def test_split_batch_respects_the_budget(setup):
-    from continual_ft.batching import collate, padded_width, split_batch
+    from continual_ft.train.batching import collate, padded_width, split_batch
 
     _, enc = setup
     items = [enc.encode(e) for e in examples(8)]
@@ -227,7 +227,7 @@ def test_gradient_checkpointing_trains_the_same_steps_and_recomputes(setup):
 
 def test_padding_to_a_multiple_trains_the_same_steps(setup):
     """``train.pad_to_multiple_of`` only widens the (masked) padding: the same weights, in fewer distinct shapes."""
-    from continual_ft.batching import collate, collate_packed
+    from continual_ft.train.batching import collate, collate_packed
 
     model, enc = setup
     items = [enc.encode(e) for e in examples(5)]

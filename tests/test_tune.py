@@ -17,14 +17,15 @@ import pytest
 import yaml
 from toy import write_toy_scenario
 
-from continual_ft import metrics, runner
-from continual_ft import tune as tune_module
-from continual_ft._search import Dimension, parse_dimension, parse_objective
 from continual_ft.cli import main
 from continual_ft.config import make_config
 from continual_ft.errors import ContinualFTError
+from continual_ft.eval import metrics
+from continual_ft.run import runner
 from continual_ft.strategies import STRATEGIES
-from continual_ft.tune import tune
+from continual_ft.study import tune as tune_module
+from continual_ft.study.search_space import Dimension, parse_dimension, parse_objective
+from continual_ft.study.tune import tune
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "_tune_worker.py"

@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from continual_ft.data import TaskSpec, build_task
+from continual_ft.data.tasks import TaskSpec, build_task
 
 COLORS = ["red", "blue", "green"]
 ANIMALS = ["cat", "dog", "bird"]

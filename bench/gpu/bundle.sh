@@ -18,7 +18,7 @@ tar czf .gpu/data/licenses.tgz -C "$(dirname "$site")" licensedcode/data/license
 "$PY" - <<'PY'
 import shutil
 from pathlib import Path
-from continual_ft.models import cache_dir, load_tokenizer
+from continual_ft.model.loading import cache_dir, load_tokenizer
 load_tokenizer("smollm2-135m")  # converts the shipped GGUF once if the cache has no checkpoint yet
 out = Path(".gpu/tokenizer")
 out.mkdir()

@@ -2,7 +2,7 @@
 data, and our strategies as Avalanche plugins. Avalanche is imported only when one of these is used.
 
 How a causal LM fits Avalanche's stock strategies unchanged: a mini-batch is ``[x, y, t]`` as for an
-image classifier. ``x`` is our batch (:func:`continual_ft.batching.collate`, a dict that moves with
+image classifier. ``x`` is our batch (:func:`continual_ft.train.batching.collate`, a dict that moves with
 ``.to(device)``), ``y`` the answer-token targets flattened to one row per answer position (``-100`` on
 padding), ``t`` the task labels. :class:`CausalLMClassifier` maps ``x`` to one row of vocabulary
 logits per answer position, so Avalanche's default ``CrossEntropyLoss()`` (``ignore_index=-100``) is
@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from continual_ft.batching import Encoder, collate
-from continual_ft.data import Example
+from continual_ft.data.tasks import Example
 from continual_ft.errors import ContinualFTError
-from continual_ft.losses import model_inputs
+from continual_ft.train.batching import Encoder, collate
+from continual_ft.train.losses import model_inputs
 
 __all__ = [
     "INSTALL",
@@ -262,7 +262,7 @@ class _StrategyPlugin:
                     )
 
     def before_train_dataset_adaptation(self, strategy, **kwargs):
-        from continual_ft.stage import Batches, stage_info
+        from continual_ft.train.protocol import Batches, stage_info
 
         examples = self._examples(strategy.experience.dataset)
         batches = Batches(self.encoder, self.batch_size, strategy.device, self.autocast)
@@ -282,7 +282,7 @@ class _StrategyPlugin:
             s.before_stage(_lm(strategy.model), self.stage)
 
     def before_backward(self, strategy, **kwargs):
-        from continual_ft.stage import total_penalty
+        from continual_ft.train.protocol import total_penalty
 
         model = strategy.model
         outputs = model.last_outputs if isinstance(model, CausalLMClassifier) else strategy.mb_output
@@ -291,7 +291,7 @@ class _StrategyPlugin:
             strategy.loss += self.last_penalty
 
     def after_backward(self, strategy, **kwargs):
-        from continual_ft.stage import after_backward
+        from continual_ft.train.protocol import after_backward
 
         self.step += 1
         after_backward(self.strategies, _lm(strategy.model), self.stage, self.step)
@@ -316,7 +316,7 @@ class _StrategyPlugin:
 class _StageLoop:
     """What our runner asks of a stage, as an Avalanche plugin: the same AdamW schedule (warmup, then
     cosine/linear/constant) and gradient clipping as our trainer, ``max_steps``, a NaN stop, and the
-    statistics of :class:`continual_ft.trainer.StageStats` (steps, real tokens, task loss)."""
+    statistics of :class:`continual_ft.train.loop.StageStats` (steps, real tokens, task loss)."""
 
     def __init__(self, cfg, desc: str):
         super().__init__()
@@ -343,7 +343,7 @@ class _StageLoop:
             n = int((strategy.mb_y != -100).sum())
             loss = float(strategy._criterion(strategy.mb_output, strategy.mb_y)) * n
         if not math.isfinite(loss):
-            from continual_ft.trainer import NonFiniteLoss
+            from continual_ft.train.loop import NonFiniteLoss
 
             raise NonFiniteLoss(f"{self.desc}, step {self.steps + 1}: the loss is {loss / max(n, 1)}")
         self.loss_sum, self.answer_tokens = self.loss_sum + loss, self.answer_tokens + n
@@ -363,8 +363,8 @@ class _StageLoop:
 
 def run_experience(template, experience, cfg, *, desc: str = "train"):
     """Train ``template`` (an Avalanche strategy) on one experience with a fresh AdamW over the trainable
-    parameters and our schedule; returns :class:`continual_ft.trainer.StageStats`."""
-    from continual_ft.trainer import StageStats
+    parameters and our schedule; returns :class:`continual_ft.train.loop.StageStats`."""
+    from continual_ft.train.loop import StageStats
 
     params = [p for p in template.model.parameters() if p.requires_grad]
     template.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
