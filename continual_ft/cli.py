@@ -132,12 +132,6 @@ def tune(args, out, quiet):
     click.echo(f"best: {result.best_command}" if result.best_command else "no trial has completed yet")
 
 
-def _summary(doc: str | None, width: int = 100) -> str:
-    """A docstring's first paragraph on one line, cut to ``width``."""
-    text = " ".join((doc or "").strip().split("\n\n")[0].split()).rstrip(":")
-    return text if len(text) <= width else text[: width - 1].rsplit(" ", 1)[0] + " …"
-
-
 @cli.command(name="list")
 def list_():
     """Show the built-in scenarios, strategies, adapter modes, models and trackers."""
@@ -145,7 +139,7 @@ def list_():
     from continual_ft.model.adapters import ADAPTER_MODES, MERGE_METHODS
     from continual_ft.model.loading import MODELS
     from continual_ft.report.tracking import TRACKERS
-    from continual_ft.strategies import AVALANCHE_STRATEGIES, STRATEGIES
+    from continual_ft.strategies import AVALANCHE_LOOPS, STRATEGIES
 
     def section(title, items):
         click.echo(title)
@@ -153,10 +147,10 @@ def list_():
             click.echo(f"  {name:<22} {text}")
 
     section("scenarios:", list_scenarios())
-    section("strategies:", {n: _summary(cls.__doc__) for n, (cls, _) in STRATEGIES.items()})
+    section("strategies:", {n: cls.summary for n, (cls, _) in STRATEGIES.items()})
     section(
-        'Avalanche\'s strategies (pip install "continual-ft[avalanche]"):',
-        {n: _summary(cls.__doc__) for n, (cls, _) in AVALANCHE_STRATEGIES.items()},
+        "Avalanche's strategies, trained in Avalanche's loop (pip install \"continual-ft[avalanche]\"):",
+        {n: cls.summary for n, (cls, _) in AVALANCHE_LOOPS.items()},
     )
     section("adapters:", ADAPTER_MODES)
     section("merge methods (adapter=merge_final method=...):", MERGE_METHODS)

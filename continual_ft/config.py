@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from continual_ft.errors import ContinualFTError
-from continual_ft.report.tracking import TRACKERS
 
 __all__ = [
     "TrainConfig",
@@ -27,23 +26,17 @@ __all__ = [
     "make_config",
     "parse_overrides",
     "config_keys",
+    "check_choice",
+    "CHOICES",
+    "SCHEDULES",
+    "ATTENTIONS",
     "MERGE_METHODS",
+    "ADAPTER_MODES",
+    "PRECISIONS",
+    "QUANTIZE",
+    "TRACKER_NAMES",
     "SHORTHANDS",
 ]
-
-SCHEDULES = ("constant", "linear", "cosine")
-PRECISIONS = ("auto", "bf16", "fp32")
-QUANTIZE = ("none", "nf4")
-
-#: ``adapter=merge_final`` combination methods: PEFT ``add_weighted_adapter`` combination types.
-MERGE_METHODS = {
-    "cat": "exact sum Σ w_k ΔW_k: concatenates the adapters along the rank (rank = Σ r_k)",
-    "svd": "the sum Σ w_k ΔW_k truncated to rank r by SVD (size of one adapter)",
-    "linear": "weighted sum of the A and B factors separately (cheap; with several adapters adds cross terms)",
-    "ties": "TIES (Yadav et al. 2023) on the A and B factors: trim to `density`, elect signs, merge",
-    "dare_ties": "DARE (Yu et al. 2023) random drop to `density` and rescale, then TIES sign election",
-    "magmax": "MagMax (Marczak et al. 2024): per weight entry, the stage delta of largest magnitude (full rank)",
-}
 
 #: Bare command-line keys that stand for a dotted one.
 SHORTHANDS = {"method": "merge.method"}
@@ -58,6 +51,28 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ContinualFTError(message)
+
+
+#: How a setting's error reads where it is not ``<key> must be one of ...`` (kept as users and the docs know them).
+_UNKNOWN = {
+    "adapter": "unknown adapter {value!r}; choose from {choices}",
+    "log": "unknown tracker log={value}; choose from {choices}",
+}
+
+
+def check_choice(key: str, value: str) -> None:
+    """One line unless ``value`` is one of the allowed values of setting ``key`` (:data:`CHOICES`): the one
+    check of these lists, for the dataclasses here and for code that takes such a value without them."""
+    choices = CHOICES[key]
+    if value not in choices:
+        template = _UNKNOWN.get(key, "{key} must be one of {choices}, got {value!r}")
+        raise ContinualFTError(template.format(key=key, value=value, choices=", ".join(choices)))
+
+
+#: ``train.schedule``: names transformers' ``get_scheduler`` knows.
+SCHEDULES = ("constant", "linear", "cosine")
+#: ``train.attention``: ``auto``, or a transformers ``attn_implementation``.
+ATTENTIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 @dataclass
@@ -110,18 +125,12 @@ class TrainConfig:
 
     def __post_init__(self):
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
-        _require(
-            self.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
-        )
+        check_choice("train.schedule", self.schedule)
         _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _require(self.max_tokens >= 0, f"train.max_tokens must be >= 0, got {self.max_tokens}")
         _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
-        attentions = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-        _require(
-            self.attention in attentions,
-            f"train.attention must be one of {', '.join(attentions)}, got {self.attention!r}",
-        )
+        check_choice("train.attention", self.attention)
         _require(self.micro_tokens >= -1, f"train.micro_tokens must be >= -1, got {self.micro_tokens}")
         _require(self.pad_to_multiple_of >= 0, f"train.pad_to_multiple_of must be >= 0, got {self.pad_to_multiple_of}")
         _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
@@ -185,6 +194,17 @@ class DataConfig:
         return {k: v for k, v in pairs.items() if v is not None}
 
 
+#: ``merge.method``, how ``adapter=merge_final`` combines: PEFT ``add_weighted_adapter`` combination types.
+MERGE_METHODS = {
+    "cat": "exact sum Σ w_k ΔW_k: concatenates the adapters along the rank (rank = Σ r_k)",
+    "svd": "the sum Σ w_k ΔW_k truncated to rank r by SVD (size of one adapter)",
+    "linear": "weighted sum of the A and B factors separately (cheap; with several adapters adds cross terms)",
+    "ties": "TIES (Yadav et al. 2023) on the A and B factors: trim to `density`, elect signs, merge",
+    "dare_ties": "DARE (Yu et al. 2023) random drop to `density` and rescale, then TIES sign election",
+    "magmax": "MagMax (Marczak et al. 2024): per weight entry, the stage delta of largest magnitude (full rank)",
+}
+
+
 @dataclass
 class MergeConfig:
     # Default `cat`: with independently trained adapters it is plain task arithmetic, exact and
@@ -199,19 +219,32 @@ class MergeConfig:
     density: float = _help("fraction of values kept by ties / dare_ties, in (0, 1]", 0.5)
 
     def __post_init__(self):
-        _require(
-            self.method in MERGE_METHODS,
-            f"merge.method must be one of {', '.join(MERGE_METHODS)}, got {self.method!r}",
-        )
+        check_choice("merge.method", self.method)
         _require(0 < self.density <= 1, f"merge.density must be in (0, 1], got {self.density}")
         _require(all(w == w for w in self.weights), "merge.weights must be numbers, got NaN")
+
+
+#: ``adapter``: how LoRA adapters carry across stages (:mod:`continual_ft.model.adapters` implements each).
+ADAPTER_MODES = {
+    "continue": "one adapter trained on through all stages",
+    "new": "a new adapter per stage; earlier ones stay frozen and active (same as stack)",
+    "stack": "a new adapter per stage; earlier ones stay frozen and active, their deltas add up",
+    "merge": "each stage's adapter is merged into the base weights; the next stage trains a fresh one",
+    "merge_final": "one adapter per stage trained from the base, combined with merge.method after each stage",
+}
+#: ``precision``: compute precision (:mod:`continual_ft.train.precision` resolves ``auto``).
+PRECISIONS = ("auto", "bf16", "fp32")
+#: ``quantize``: base-weight quantization.
+QUANTIZE = ("none", "nf4")
+#: ``log=[...]``: the optional trackers (:data:`continual_ft.report.tracking.TRACKERS` has a backend for each).
+TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
 
 
 @dataclass
 class RunConfig:
     scenario: str = _help("built-in scenario name or path to a scenario YAML", "legal_then_medical")
     strategy: str = _help("anti-forgetting strategy; combine with '+', e.g. replay+ewc", "naive")
-    adapter: str = _help("how LoRA adapters carry across stages", "continue")
+    adapter: str = _help(f"how LoRA adapters carry across stages: {', '.join(ADAPTER_MODES)}", "continue")
     model: str = _help("smollm2-135m, tiny, a local directory or a hub id", "smollm2-135m")
     precision: str = _help(
         f"compute precision: {', '.join(PRECISIONS)} (auto = bf16 on a GPU that supports it, on a CPU where a cached "
@@ -231,16 +264,16 @@ class RunConfig:
     merge: MergeConfig = _help("how adapter=merge_final combines the stage adapters", factory=MergeConfig)
     strategy_args: Dict[str, Any] = _help("per-strategy settings, e.g. replay.buffer_size=200", factory=dict)
     log: List[str] = _help(
-        "trackers that get the metrics besides the run folder's log.jsonl: log=[tensorboard,wandb,mlflow]", factory=list
+        f"trackers that get the metrics besides the run folder's log.jsonl: log=[{','.join(TRACKER_NAMES)}]",
+        factory=list,
     )
 
     def __post_init__(self):
-        _require(
-            self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-        )
-        _require(self.quantize in QUANTIZE, f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+        check_choice("precision", self.precision)
+        check_choice("quantize", self.quantize)
         for name in self.log:
-            _require(name in TRACKERS, f"unknown tracker log={name}; choose from {', '.join(TRACKERS)}")
+            check_choice("log", name)
+        check_choice("adapter", self.adapter)
         self.log = list(dict.fromkeys(self.log))
 
     def run_name(self) -> str:
@@ -251,6 +284,19 @@ class RunConfig:
         scenario = Path(self.scenario).stem
         adapter = f"{self.adapter}-{self.merge.method}" if self.adapter == "merge_final" else self.adapter
         return f"{scenario}-{self.strategy}-{adapter}" + ("-quick" if self.quick else "")
+
+
+#: Every setting with a closed list of allowed values, by its dotted key: the lists above, checked by
+#: :func:`check_choice` in the dataclasses' ``__post_init__``.
+CHOICES = {
+    "train.schedule": SCHEDULES,
+    "train.attention": ATTENTIONS,
+    "merge.method": MERGE_METHODS,
+    "adapter": ADAPTER_MODES,
+    "precision": PRECISIONS,
+    "quantize": QUANTIZE,
+    "log": TRACKER_NAMES,
+}
 
 
 def config_keys(cls=RunConfig, prefix: str = "") -> list[str]:

@@ -23,7 +23,7 @@ from continual_ft.eval.scoring import evaluate_task
 from continual_ft.integrations.hf_trainer import stage_info, train_stage_hf
 from continual_ft.model.adapters import start_stage
 from continual_ft.model.loading import load_model
-from continual_ft.report.results import format_matrix, format_metrics
+from continual_ft.report.tables import format_matrix, format_metrics
 from continual_ft.strategies import EWC, EWCConfig, LwF, LwFConfig
 from continual_ft.train.batching import Encoder
 

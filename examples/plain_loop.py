@@ -7,8 +7,10 @@ Each stage: the strategies pick the training data (replay mixes in its buffer), 
 the LoRA adapter with the task loss plus every strategy's penalty (EWC's), lets the strategies see
 each step's gradient before it is clipped and applied (A-GEM projects it), the strategies update
 after the stage (replay fills its buffer, EWC estimates its Fisher), and every task is scored.
-``run_stage`` calls the hooks in that order around ``train``, the loop below: the same protocol
-our trainer and the HF Trainer integration use.
+``run_stage`` calls the hooks in that order around ``train``, the loop below, which calls
+``total_penalty`` and ``after_backward``: the protocol functions (``continual_ft.train.protocol``) every
+loop calls, ours, the HF Trainer integration's and the Avalanche plugin's alike. ``LOOP`` declares the
+hooks this loop calls (all of them), so ``refuse`` stops a strategy it could not run before anything trains.
 Prints the accuracy matrix R: row "after s" = accuracy on each task after training stage s.
 """
 
@@ -25,19 +27,25 @@ from continual_ft.eval.metrics import summary
 from continual_ft.eval.scoring import evaluate_task
 from continual_ft.model.adapters import start_stage
 from continual_ft.model.loading import load_model
-from continual_ft.report.results import format_matrix, format_metrics
-from continual_ft.strategies import StageInfo, Strategy, build
+from continual_ft.report.tables import format_matrix, format_metrics
+from continual_ft.strategies import build
 from continual_ft.train.batching import Encoder, collate, length_grouped_batches, to_device
 from continual_ft.train.losses import token_loss
 from continual_ft.train.protocol import (
     Batches,
+    Loop,
+    StageInfo,
     StageRun,
+    Strategy,
     after_backward,
-    refuse_own_loops,
+    refuse,
     run_stage,
     stage_info,
     total_penalty,
 )
+
+#: This loop, as ``refuse`` checks strategies against it: every hook, one process.
+LOOP = Loop("examples/plain_loop.py", instead="run it with cli.py run")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,7 +108,7 @@ def main(argv=None) -> list[list[float]]:
     }
     names = [n.strip() for n in args.strategy.split("+")]
     strategies = build(args.strategy, {n: settings[n] for n in names if n in settings})
-    refuse_own_loops(strategies, "this loop")
+    refuse(strategies, LOOP)
 
     batches = Batches(encoder, args.batch_size, device)  # how a strategy runs the model over data (EWC's Fisher)
 

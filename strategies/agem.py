@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from continual_ft.errors import ContinualFTError
-from continual_ft.strategies.base import StageInfo, Strategy
 from continual_ft.strategies.replay import POLICIES, Replay, ReplayConfig, draw
+from continual_ft.train.protocol import StageInfo, Strategy
 
 __all__ = ["AGEM", "AGEMConfig", "project"]
 
@@ -34,7 +34,7 @@ class AGEMConfig:
         metadata={
             "help": "recompute g_ref every N optimizer steps and project onto the latest one in between "
             "(1 = every step, the paper's; the reference pass's cost per step divides by N, and so does the "
-            "protection: see the README)"
+            "protection: see docs/results/README.md, 'Time each strategy adds')"
         },
     )
     policy: str = field(
@@ -104,6 +104,7 @@ class AGEM(Strategy):
     """
 
     name = "agem"
+    summary = "Keep every optimizer step from raising the loss on a memory of earlier stages' examples (A-GEM)."
     # merge_final trains each stage's adapter from the base alone: g_ref would be the base model's memory
     # gradient, not the evaluated combination's, and the combination is not linear in it for svd/ties/magmax.
     adapter_modes = ("continue", "new", "stack", "merge")

@@ -23,8 +23,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from continual_ft.errors import ContinualFTError
-from continual_ft.strategies.base import StageInfo, Strategy
 from continual_ft.strategies.sharded import Layout, local, max_over_ranks, sum_over_ranks
+from continual_ft.train.protocol import StageInfo, Strategy
 
 __all__ = ["EWC", "EWCConfig"]
 
@@ -83,6 +83,7 @@ class EWC(Strategy):
     """
 
     name = "ewc"
+    summary = "Anchor the adapter's weights to their values after earlier stages, each weighed by its Fisher (EWC)."
     handles_shards = True  # FSDP: see the class docstring
     adapter_modes = ("continue",)
     adapter_refusal = "under adapter={adapter} each stage trains a fresh adapter with no Fisher of its own"

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from continual_ft.data.tasks import Example
-from continual_ft.strategies.base import StageInfo, Strategy
+from continual_ft.train.protocol import StageInfo, Strategy
 
 __all__ = ["Joint", "JointConfig"]
 
@@ -29,6 +29,7 @@ class Joint(Strategy):
     """
 
     name = "joint"
+    summary = "Train stage k on the examples of every stage so far (the multi-task upper bound)."
     uses_model = False  # picks data only: runs under FSDP too
 
     def __init__(self, config: JointConfig | None = None):

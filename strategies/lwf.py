@@ -27,8 +27,8 @@ from torch.func import functional_call
 
 from continual_ft.errors import ContinualFTError
 from continual_ft.model.adapters import evaluated_adapter, only_adapter
-from continual_ft.strategies.base import StageInfo, Strategy
 from continual_ft.train.losses import answer_logits, model_inputs
+from continual_ft.train.protocol import StageInfo, Strategy
 
 __all__ = ["LwF", "LwFConfig"]
 
@@ -131,6 +131,7 @@ class LwF(Strategy):
     """
 
     name = "lwf"
+    summary = "Distil the previous stage's model into the current one on the current data (LwF)."
     handles_shards = True  # FSDP: see the class docstring
 
     def __init__(self, config: LwFConfig | None = None):
@@ -138,6 +139,11 @@ class LwF(Strategy):
         self.teacher: dict[str, torch.Tensor] | None = None  # parameter name -> snapshot
         self._sharded = False  # FSDP: the snapshot is this rank's rows (DTensor shards)
         self._adapter: str | None = None  # merge_final: the adapter that alone is the teacher (no snapshot)
+
+    @property
+    def needs_global_batch(self) -> str:
+        """Below ``fraction=1`` the rows distilled are chosen from the step's global batch (:func:`distilled_rows`)."""
+        return f"lwf.fraction={self.config.fraction}" if self.config.fraction < 1 else ""
 
     def before_stage(self, model: nn.Module, stage: StageInfo) -> None:
         self._adapter = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from continual_ft.strategies.base import Strategy
+from continual_ft.train.protocol import Strategy
 
 __all__ = ["Naive", "NaiveConfig"]
 
@@ -22,6 +22,7 @@ class Naive(Strategy):
     """Plain sequential fine-tuning: every hook is the default no-op."""
 
     name = "naive"
+    summary = "Plain sequential fine-tuning on each stage's own data: every hook is the default no-op."
     uses_model = False  # picks data only: runs under FSDP too
 
     def __init__(self, config: NaiveConfig | None = None):

@@ -15,7 +15,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from continual_ft.errors import ContinualFTError
-from continual_ft.strategies.base import StageInfo, Strategy
+from continual_ft.train.protocol import StageInfo, Strategy
 
 __all__ = ["OLoRA", "OLoRAConfig"]
 
@@ -51,6 +51,7 @@ class OLoRA(Strategy):
     """
 
     name = "olora"
+    summary = "Keep each new adapter's LoRA subspace orthogonal to every earlier adapter's, in every layer (O-LoRA)."
     adapter_modes = ("new", "stack")
     adapter_refusal = (
         "under adapter={adapter} no earlier adapter stays active beside the trained one for it to be orthogonal to"

@@ -13,7 +13,7 @@ from torch import nn
 
 from continual_ft.data.tasks import Example
 from continual_ft.errors import ContinualFTError
-from continual_ft.strategies.base import StageInfo, Strategy
+from continual_ft.train.protocol import StageInfo, Strategy
 
 __all__ = ["Replay", "ReplayConfig", "POLICIES"]
 
@@ -67,6 +67,7 @@ class Replay(Strategy):
     """
 
     name = "replay"
+    summary = "Rehearsal: mix a share of examples from a buffer of earlier stages into each stage's own."
     uses_model = False  # picks data only: runs under FSDP too
 
     def __init__(self, config: ReplayConfig | None = None):

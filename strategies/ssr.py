@@ -19,11 +19,10 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from continual_ft.data.tasks import Example
+from continual_ft.data.tasks import Example, normalize_answer
 from continual_ft.errors import ContinualFTError
-from continual_ft.eval.scoring import normalize_answer
-from continual_ft.strategies.base import StageInfo, Strategy
 from continual_ft.strategies.replay import draw
+from continual_ft.train.protocol import StageInfo, Strategy
 
 __all__ = ["SSR", "SSRConfig", "template"]
 
@@ -180,6 +179,7 @@ class SSR(Strategy):
     """
 
     name = "ssr"
+    summary = "Rehearse earlier tasks on examples the model synthesised itself from a few kept demonstrations."
     uses_model = True  # generates with the model: every process runs the same prompts with the same seed
 
     def __init__(self, config: SSRConfig | None = None):

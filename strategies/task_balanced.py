@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from continual_ft.data.tasks import Example
 from continual_ft.errors import ContinualFTError
-from continual_ft.strategies.base import StageInfo, Strategy
+from continual_ft.train.protocol import StageInfo, Strategy
 
 __all__ = ["TaskBalanced", "TaskBalancedConfig", "task_shares"]
 
@@ -55,6 +55,7 @@ class TaskBalanced(Strategy):
     """
 
     name = "task_balanced"
+    summary = "Resample each stage's examples so each task contributes a set share (natural to equal, by temperature)."
     uses_model = False  # picks data only: runs under FSDP too
 
     def __init__(self, config: TaskBalancedConfig | None = None):

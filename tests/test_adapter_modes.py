@@ -479,9 +479,9 @@ AVALANCHE_MODES = {
 
 def test_avalanche_strategies_are_refused_where_they_would_do_nothing_of_their_own():
     from continual_ft.run.checks import check_adapter
-    from continual_ft.strategies import AVALANCHE_STRATEGIES, build
+    from continual_ft.strategies import AVALANCHE_LOOPS, build
 
-    assert set(AVALANCHE_MODES) == set(AVALANCHE_STRATEGIES)
+    assert set(AVALANCHE_MODES) == set(AVALANCHE_LOOPS)
     for name, modes in AVALANCHE_MODES.items():
         (strategy,) = build(name)
         for mode in adapters.ADAPTER_MODES:

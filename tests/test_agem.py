@@ -12,7 +12,7 @@ from continual_ft.data.tasks import Example
 from continual_ft.errors import ContinualFTError
 from continual_ft.model.adapters import start_stage
 from continual_ft.model.loading import load_model
-from continual_ft.run.state_codec import load_tree, save_tree
+from continual_ft.state_codec import load_tree, save_tree
 from continual_ft.strategies import Strategy, build
 from continual_ft.strategies.agem import AGEM, AGEMConfig, project
 from continual_ft.train.batching import Encoder

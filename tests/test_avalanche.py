@@ -21,6 +21,7 @@ from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 from avalanche.training.plugins.ewc import EWCPlugin  # noqa: E402
 from avalanche.training.templates import SupervisedMetaLearningTemplate  # noqa: E402
 from conftest import make_examples  # noqa: E402
+from recording import Recording, expected  # noqa: E402
 from toy import write_toy_scenario  # noqa: E402
 
 from continual_ft.config import LoraConfig, TrainConfig, make_config  # noqa: E402
@@ -440,6 +441,18 @@ def test_the_plugin_fires_every_hook_and_after_backward_once_per_step_before_cli
     assert fresh.strategies[0].loaded == {"calls": expected}
 
 
+def test_the_plugin_calls_every_hook_in_the_order_of_every_loop(lm_and_encoder):
+    """The recording strategy of tests/test_hook_order.py, through the plugin: Avalanche's SGD loop takes one
+    optimizer step per mini-batch."""
+    lm, encoder = lm_and_encoder
+    recording = Recording()
+    strategy = _naive(lm, [StrategyPlugin(recording, encoder, batch_size=4)])
+    cfg = TrainConfig(lr=1e-2, batch_size=4, warmup_steps=0, max_steps=2)
+    for i, task in enumerate("ab"):
+        run_experience(strategy, experience(make_examples(task, 8), encoder, {"a": 0, "b": 1}, i), cfg)
+    assert recording.calls == expected([[1, 1], [1, 1]])
+
+
 def test_the_optimizer_steps_with_the_gradient_after_backward_left(lm_and_encoder, monkeypatch):
     """The hook zeroes every gradient: AdamW (no weight decay) must then leave the weights as they were."""
     lm, encoder = lm_and_encoder
@@ -547,7 +560,7 @@ def test_the_plugin_refuses_what_the_loop_cannot_call_before_training(toy, lm_an
     lm, encoder = lm_and_encoder
     exp = next(iter(benchmark(load_scenario(str(toy)), encoder).train_stream))
     (avalanche_ewc,) = build("avalanche:ewc")
-    with pytest.raises(ContinualFTError, match=r"strategy=avalanche:ewc is Avalanche's own loop, not hooks"):
+    with pytest.raises(ContinualFTError, match=r"^strategy=avalanche:ewc trains in a loop of its own, not"):
         StrategyPlugin([Replay(), avalanche_ewc], encoder)
 
     def meta(strategy):

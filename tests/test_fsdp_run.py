@@ -29,7 +29,7 @@ from toy import write_toy_scenario
 from continual_ft.config import make_config
 from continual_ft.errors import ContinualFTError
 from continual_ft.run.checks import check_fsdp
-from continual_ft.run.state_codec import load_tree
+from continual_ft.state_codec import load_tree
 from continual_ft.strategies import STRATEGIES, build
 from continual_ft.train.distributed import CPU_ENV
 

@@ -23,7 +23,7 @@ from test_fsdp_run import _settings, _torchrun, assert_sharded_equals_one, fsdp_
 
 from continual_ft.config import make_config
 from continual_ft.run.checks import check_fsdp
-from continual_ft.run.state_codec import load_tree
+from continual_ft.state_codec import load_tree
 from continual_ft.strategies import STRATEGIES, build
 from continual_ft.train.distributed import CPU_ENV
 

@@ -6,7 +6,7 @@ the strategies' state, the predictions and (``adapter=merge``) the merged model.
 an in-stage checkpoint (from outside), and at chosen points elsewhere (by the process itself,
 ``_kill_worker.py``): between two checkpoints, while scoring, in a stage's strategy pass.
 
-Bit for bit is promised on the CPU (README, "Runs that survive a kill"), so every run here is pinned
+Bit for bit is promised on the CPU (docs/resume.md), so every run here is pinned
 to it (``CONTINUAL_FT_CPU=1``), also on a machine with a GPU.
 """
 

@@ -57,7 +57,7 @@ def test_shipped_sizes_and_joint_stage():
 
 
 def test_category_task_keeps_its_name_and_labels():
-    # Earlier results (the README's legal → medical studies) were measured on this task: it stays as it was.
+    # Earlier results (docs/results/README.md, legal → medical) were measured on this task: it stays as it was.
     for name in ("legal_then_medical", "medical_then_legal", "legal_medical_joint"):
         legal = load_scenario(name, quick=True).tasks["legal"]
         assert legal.labels == ["Permissive", "Copyleft", "Copyleft Limited", "Proprietary Free", "Commercial"]
@@ -93,7 +93,7 @@ def test_same_seed_same_examples_and_sizes_override():
 
 
 def test_readme_size_overrides_load():
-    # README: S="scenario=medical_then_legal data.train_size=300 data.test_size=100 train.lr=2e-3"
+    # docs/results/README.md: S="scenario=medical_then_legal data.train_size=300 data.test_size=100 train.lr=2e-3"
     sizes = make_config(["scenario=medical_then_legal", "data.train_size=300", "data.test_size=100"]).data.sizes()
     s = load_scenario("medical_then_legal", sizes=sizes)
     assert {k: (len(t.train), len(t.validation), len(t.test)) for k, t in s.tasks.items()} == {

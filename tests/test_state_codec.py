@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from continual_ft import state_codec as _state
 from continual_ft.errors import ContinualFTError
-from continual_ft.run import state_codec as _state
-from continual_ft.run.state_codec import load_tree, save_tree
+from continual_ft.state_codec import load_tree, save_tree
 
 
 def same(a, b) -> bool:

@@ -11,7 +11,7 @@ from conftest import make_examples, make_stage
 
 from continual_ft.config import LoraConfig
 from continual_ft.model.adapters import start_stage
-from continual_ft.run.state_codec import load_tree, save_tree
+from continual_ft.state_codec import load_tree, save_tree
 from continual_ft.strategies import StageInfo, build
 from continual_ft.strategies.ewc import EWC, EWCConfig
 from continual_ft.strategies.joint import Joint

@@ -29,7 +29,7 @@ from continual_ft.errors import ContinualFTError
 from continual_ft.model.adapters import start_stage
 from continual_ft.run import runner
 from continual_ft.run.runner import run
-from continual_ft.run.state_codec import STATE_FILE, TENSORS_FILE, load_tree, save_tree
+from continual_ft.state_codec import STATE_FILE, TENSORS_FILE, load_tree, save_tree
 from continual_ft.strategies import STRATEGIES, StageInfo, Strategy, build, settings
 from continual_ft.strategies.ewc import EWC
 from continual_ft.strategies.replay import Replay

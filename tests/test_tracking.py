@@ -331,7 +331,7 @@ def test_cli_list_shows_the_registry(capsys):
 
 
 def test_the_tensorboard_example_draws_a_run(tracked, tmp_path):
-    """``examples/tensorboard_scalars.py`` (the README's picture of ``log=``) reads a run's event files back."""
+    """``examples/tensorboard_scalars.py`` (docs/tracking.md's picture of ``log=``) reads a run's event files back."""
     pytest.importorskip("tensorboard")
     run_dir, _, _ = tracked
     script = Path(__file__).resolve().parents[1] / "examples" / "tensorboard_scalars.py"

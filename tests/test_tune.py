@@ -299,7 +299,7 @@ def test_two_processes_share_one_sqlite_study_and_train_at_the_same_time(tmp_pat
 
 def test_a_dead_trial_is_failed_two_minutes_after_its_last_heartbeat(tmp_path):
     storage = tune_module._storage(optuna, f"sqlite:///{tmp_path / 'tune.db'}")
-    assert (storage.heartbeat_interval, storage.grace_period) == (60, 120)  # what the README says
+    assert (storage.heartbeat_interval, storage.grace_period) == (60, 120)  # what docs/tuning.md says
 
 
 def test_a_killed_trial_is_marked_failed_by_the_next_trial_after_the_grace_period(tmp_path, monkeypatch):

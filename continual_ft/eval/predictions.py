@@ -106,9 +106,14 @@ def per_class(gold: Sequence[int], chosen: Sequence[int], labels: Sequence[str])
 
 
 def correct(predictions: list[dict], metric: str, labels: Sequence[str]) -> np.ndarray:
-    """Per example, 1.0 where it scores under ``metric`` (``accuracy``: the chosen label is gold;
-    ``exact_match``: the greedy answer is the gold label, as :func:`continual_ft.eval.scoring.normalize_answer`
-    compares them), else 0.0."""
+    """Per example, its score in [0, 1] under ``metric``: on a choice task 1.0 where it scores (``accuracy``:
+    the chosen label is gold; ``exact_match``: the greedy answer is the gold label, as
+    :func:`continual_ft.eval.scoring.normalize_answer` compares them), else 0.0; on a generative task the score
+    its row stored for ``metric`` (rouge_l 0.67, ...)."""
+    if predictions and "scores" in predictions[0]:
+        if metric not in predictions[0]["scores"]:
+            raise ValueError(f"no per-example score for {metric!r}")
+        return np.array([p["scores"][metric] for p in predictions], dtype=float)
     if metric == "accuracy":
         return np.array([p["chosen"] == p["gold"] for p in predictions], dtype=float)
     if metric == "exact_match":

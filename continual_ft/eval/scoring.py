@@ -21,38 +21,19 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import torch
 
-from continual_ft.data.tasks import Task
+from continual_ft.data.tasks import Task, normalize_answer
 from continual_ft.errors import ContinualFTError
+from continual_ft.eval.generative import evaluate_generative
+from continual_ft.eval.score import TaskScore, length_batches
 from continual_ft.train.batching import Encoder
 from continual_ft.train.distributed import Dist
 from continual_ft.train.generation import prefix_cache
 from continual_ft.train.losses import cache_kwarg, cache_of, last_positions
 
 __all__ = ["TaskScore", "evaluate_task", "normalize_answer"]
-
-#: Prompt tokens (padding included) per evaluation forward pass, at most; ``batch_size`` caps the prompts.
-MAX_BATCH_TOKENS = 8192
-
-
-@dataclass
-class TaskScore:
-    accuracy: float
-    exact_match: float
-    n: int
-    seconds: float
-    # tokens scored per second: each prompt with the label trie, plus the tokens decoding fed; the same
-    # count however the examples are batched or sharded (the prompts' shared start is counted in each)
-    tokens_per_s: float
-    # per test example, in order: gold and chosen label index, each label's Σ log p, the greedy answer
-    predictions: list[dict] = field(default_factory=list, repr=False)
-
-
-def normalize_answer(text: str) -> str:
-    return text.strip().split("\n")[0].strip().rstrip(".").strip().lower()
 
 
 class _LabelTrie:
@@ -226,18 +207,6 @@ def _walk(best: list[int], trie: _LabelTrie, answer: _Answer, max_new_tokens: in
         pos = trie.child[pos, t] + 1
 
 
-def _batches(order: list[int], lengths: list[int], extra: int, batch_size: int):
-    """Consecutive runs of the length-sorted ``order``: at most ``batch_size`` prompts and
-    ``MAX_BATCH_TOKENS`` tokens (padded prompts plus ``extra`` tokens each) per run."""
-    s = 0
-    while s < len(order):
-        n = 1
-        while s + n < len(order) and n < batch_size and (n + 1) * (lengths[order[s + n]] + extra) <= MAX_BATCH_TOKENS:
-            n += 1
-        yield order[s : s + n]
-        s += n
-
-
 @torch.inference_mode()
 def _predict(model, encoder: Encoder, task: Task, order: list[int], batch_size: int, max_new_tokens: int, autocast):
     """Label log-likelihoods and greedy answers for the examples ``order`` lists (others stay empty)."""
@@ -254,7 +223,7 @@ def _predict(model, encoder: Encoder, task: Task, order: list[int], batch_size: 
     with autocast():
         prefix, P = prefix_cache(model, [prompts[i] for i in order], device)
     tokens = 0
-    for idx in _batches(order, [len(p) - P for p in prompts], len(trie), batch_size):
+    for idx in length_batches(order, [len(p) - P for p in prompts], len(trie), batch_size):
         with autocast():
             logits = _tree_logits(model, [prompts[i] for i in idx], trie, tok.pad_token_id, device, prefix, P)
         tokens += sum(len(prompts[i]) + len(trie) for i in idx)  # as if the shared prefix were not shared
@@ -290,8 +259,10 @@ def evaluate_task(
     With ``dist`` over several processes each rank scores ``dist.shard`` of the length-sorted
     examples through the unwrapped module (no gradients, so nothing for DDP to sync), then the
     per-example results are gathered: every rank returns the same score of the whole split, with
-    rank 0's wall time.
+    rank 0's wall time. A generative task is scored by :func:`continual_ft.eval.generative.evaluate_generative`.
     """
+    if task.generative:
+        return evaluate_generative(model, encoder, task, batch_size=batch_size, autocast=autocast, dist=dist)
     autocast = autocast or nullcontext
     sharded = dist is not None and dist.world > 1
     if sharded:

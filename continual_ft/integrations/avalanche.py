@@ -1,5 +1,6 @@
 """Avalanche, both ways: our scenarios as Avalanche benchmarks, Avalanche's strategies on our model and
-data, and our strategies as Avalanche plugins. Avalanche is imported only when one of these is used.
+data (their loops: :mod:`continual_ft.integrations.avalanche_loops`), and our strategies as Avalanche
+plugins. Avalanche is imported only when one of these is used.
 
 How a causal LM fits Avalanche's stock strategies unchanged: a mini-batch is ``[x, y, t]`` as for an
 image classifier. ``x`` is our batch (:func:`continual_ft.train.batching.collate`, a dict that moves with
@@ -31,6 +32,7 @@ from torch.utils.data import Dataset
 
 from continual_ft.data.tasks import Example
 from continual_ft.errors import ContinualFTError
+from continual_ft.train import protocol
 from continual_ft.train.batching import Encoder, collate
 from continual_ft.train.losses import model_inputs
 
@@ -196,8 +198,9 @@ def _lm(model: nn.Module) -> nn.Module:
 
 class _StrategyPlugin:
     """One of our strategies (or a list of them) as an Avalanche ``SupervisedPlugin``, so it runs
-    inside any Avalanche strategy. Every hook of :class:`continual_ft.strategies.Strategy` maps onto
-    Avalanche's callbacks or a method of the plugin:
+    inside any Avalanche strategy. Each hook of :class:`continual_ft.train.protocol.Strategy` is called
+    through the protocol's function for it (the order every loop keeps), at one of Avalanche's callbacks,
+    and the state through methods of the plugin:
 
         train_data(stage, examples)         after_train_dataset_adaptation: replaces strategy.adapted_dataset
         before_stage(model, stage)          before_training_exp
@@ -214,24 +217,19 @@ class _StrategyPlugin:
     work only later stages use (EWC's Fisher, SSR's writing) runs after the last one too.
     ``last_penalty``: the latest step's penalty.
 
-    Refused with one line, before anything trains: an ``avalanche:*`` strategy (it brings Avalanche's loop,
-    not hooks), at construction; at ``before_training``, a template whose update is not Avalanche's SGD one
-    (meta-learning's inner and outer updates have no backward callbacks) when a strategy has a ``penalty``
-    or ``after_backward``, and Avalanche's distributed training (a DDP-wrapped model, each process its share
-    of the data: our hooks here sum nothing across processes).
+    Refused with one line (:func:`continual_ft.train.protocol.refuse`), before anything trains: an
+    ``avalanche:*`` object (a loop of its own, not hooks), at construction; at ``before_training``, a
+    template whose update is not Avalanche's SGD one (meta-learning's inner and outer updates have no
+    backward callbacks) when a strategy has a ``penalty`` or ``after_backward``, and Avalanche's distributed
+    training (a DDP-wrapped model, each process its share of the data: our hooks here sum nothing across
+    processes).
     """
 
     def __init__(self, strategies, encoder: Encoder, batch_size: int = 8, autocast: Callable = nullcontext):
-        from continual_ft.strategies.avalanche import AvalancheStrategy
-
         super().__init__()  # SupervisedPlugin's
         self.strategies = list(strategies) if isinstance(strategies, (list, tuple)) else [strategies]
-        for s in self.strategies:
-            if isinstance(s, AvalancheStrategy):
-                raise ContinualFTError(
-                    f"strategy={s.name} is Avalanche's own loop, not hooks: pass its Avalanche plugin or "
-                    f"strategy ({s.avalanche_class}) to Avalanche instead of StrategyPlugin"
-                )
+        instead = "give Avalanche its own strategy or plugin (avalanche.training) instead of StrategyPlugin"
+        protocol.refuse(self.strategies, protocol.Loop("StrategyPlugin", instead))
         self.encoder, self.batch_size, self.autocast = encoder, batch_size, autocast
         self.task_ids: dict[str, int] = {}
         self.stage = None
@@ -247,58 +245,41 @@ class _StrategyPlugin:
         from avalanche.distributed import DistributedHelper
         from avalanche.training.templates.update_type import SGDUpdate
 
-        from continual_ft.strategies.base import Strategy
-
         if DistributedHelper.is_distributed:
             raise ContinualFTError("StrategyPlugin runs in one process, not in Avalanche's distributed training")
-        if isinstance(strategy, SGDUpdate):
-            return
-        for s in self.strategies:
-            for hook in ("penalty", "after_backward"):
-                if getattr(type(s), hook) is not getattr(Strategy, hook):
-                    raise ContinualFTError(
-                        f"strategy={s.name} needs its {hook} hook, which {type(strategy).__name__}'s loop "
-                        "(no backward callbacks) cannot call; use an Avalanche template with the SGD update"
-                    )
+        if not isinstance(strategy, SGDUpdate):
+            name = f"{type(strategy).__name__}'s loop (no backward callbacks)"
+            loop = protocol.Loop(name, "use an Avalanche template with the SGD update", protocol.STAGE_HOOKS)
+            protocol.refuse(self.strategies, loop)
 
     def before_train_dataset_adaptation(self, strategy, **kwargs):
-        from continual_ft.train.protocol import Batches, stage_info
-
         examples = self._examples(strategy.experience.dataset)
-        batches = Batches(self.encoder, self.batch_size, strategy.device, self.autocast)
+        batches = protocol.Batches(self.encoder, self.batch_size, strategy.device, self.autocast)
         index = strategy.clock.train_exp_counter
-        self.stage = stage_info(index, list(dict.fromkeys(e.task for e in examples)), examples, batches)
+        self.stage = protocol.stage_info(index, list(dict.fromkeys(e.task for e in examples)), examples, batches)
 
     def after_train_dataset_adaptation(self, strategy, **kwargs):
-        examples = self._examples(strategy.adapted_dataset)
-        for s in self.strategies:
-            examples = s.train_data(self.stage, examples)
+        examples = protocol.train_data(self.strategies, self.stage, self._examples(strategy.adapted_dataset))
         if examples != self.stage.examples:
             strategy.adapted_dataset = examples_dataset(examples, self.encoder, self.task_ids).train()
 
     def before_training_exp(self, strategy, **kwargs):
         self.step = 0
-        for s in self.strategies:
-            s.before_stage(_lm(strategy.model), self.stage)
+        protocol.before_stage(self.strategies, _lm(strategy.model), self.stage)
 
     def before_backward(self, strategy, **kwargs):
-        from continual_ft.train.protocol import total_penalty
-
         model = strategy.model
         outputs = model.last_outputs if isinstance(model, CausalLMClassifier) else strategy.mb_output
-        self.last_penalty = total_penalty(self.strategies, _lm(model), strategy.mb_x, outputs)
+        self.last_penalty = protocol.total_penalty(self.strategies, _lm(model), strategy.mb_x, outputs)
         if self.last_penalty is not None:
             strategy.loss += self.last_penalty
 
     def after_backward(self, strategy, **kwargs):
-        from continual_ft.train.protocol import after_backward
-
         self.step += 1
-        after_backward(self.strategies, _lm(strategy.model), self.stage, self.step)
+        protocol.after_backward(self.strategies, _lm(strategy.model), self.stage, self.step)
 
     def after_training_exp(self, strategy, **kwargs):
-        for s in self.strategies:
-            s.after_stage(_lm(strategy.model), self.stage)
+        protocol.after_stage(self.strategies, _lm(strategy.model), self.stage)
 
     def state_dict(self) -> dict:
         """Each strategy's ``state_dict`` under its name (what our runner saves for it)."""

@@ -27,14 +27,22 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from continual_ft.data.tasks import Example
-from continual_ft.errors import ContinualFTError
-from continual_ft.strategies import StageInfo, Strategy
 from continual_ft.train.batching import Encoded, Encoder, collate
 from continual_ft.train.losses import token_loss
-from continual_ft.train.protocol import Batches, after_backward, refuse_own_loops, run_stage, total_penalty
+from continual_ft.train.protocol import (
+    HOOKS,
+    Batches,
+    Loop,
+    StageInfo,
+    Strategy,
+    after_backward,
+    refuse,
+    run_stage,
+    total_penalty,
+)
 from continual_ft.train.protocol import stage_info as _stage_info
 
-__all__ = ["ContinualTrainer", "ExampleDataset", "Collator", "stage_info", "train_stage_hf"]
+__all__ = ["ContinualTrainer", "ExampleDataset", "Collator", "stage_info", "train_stage_hf", "hf_loop"]
 
 
 class ExampleDataset(Dataset):
@@ -75,24 +83,8 @@ class ContinualTrainer(Trainer):
     def __init__(self, *args, strategies: Sequence[Strategy] = (), stage: StageInfo | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.strategies = list(strategies)
-        refuse_own_loops(self.strategies, "the HF Trainer")
+        refuse(self.strategies, hf_loop(self.args.world_size))
         self.stage = stage  # what after_backward gets (A-GEM draws its reference batches with it)
-        hooked = [s.name for s in self.strategies if type(s).after_backward is not Strategy.after_backward]
-        if hooked and self.args.world_size > 1:
-            # hf.stage_info's sum_across is the identity: each process would get its own reference gradient.
-            raise ContinualFTError(
-                f"strategy={hooked[0]} with the HF Trainer over {self.args.world_size} processes: its gradient "
-                "hook needs a sum across processes that hf.stage_info lacks; use cli.py run (DDP) instead"
-            )
-        partial = [s for s in self.strategies if s.name == "lwf" and s.config.fraction < 1]
-        if partial and self.args.world_size > 1:
-            # Our trainer tags each share with its rows' place in the global batch (batching.in_global_batch);
-            # the HF Trainer's batches don't carry it, so each process would choose its own rows.
-            raise ContinualFTError(
-                f"strategy=lwf with lwf.fraction={partial[0].config.fraction} and the HF Trainer over "
-                f"{self.args.world_size} processes would distil other rows than one process: set lwf.fraction=1, "
-                "or use cli.py run (DDP)"
-            )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -111,6 +103,20 @@ class ContinualTrainer(Trainer):
             if extra is not None:
                 loss = loss + extra
         return (loss, outputs) if return_outputs else loss
+
+
+def hf_loop(world_size: int = 1) -> Loop:
+    """The HF ``Trainer`` as :func:`continual_ft.train.protocol.refuse` checks strategies against it.
+
+    In one process it calls every hook. Over several, ``after_backward`` would not act as in one process
+    (:func:`stage_info`'s ``sum_across`` is the identity: each process would get its own reference gradient),
+    and its batches don't carry their place in the global batch (our trainer tags each share with it:
+    :func:`continual_ft.train.batching.in_global_batch`), so each process would choose its own rows.
+    """
+    if world_size == 1:
+        return Loop("the HF Trainer", instead="run it with cli.py run")
+    hooks = tuple(h for h in HOOKS if h != "after_backward")
+    return Loop(f"the HF Trainer over {world_size} processes", "use cli.py run (DDP)", hooks, global_batch=False)
 
 
 def stage_info(

@@ -48,7 +48,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
-from continual_ft.config import MERGE_METHODS, LoraConfig, MergeConfig
+from continual_ft.config import ADAPTER_MODES, MERGE_METHODS, LoraConfig, MergeConfig, check_choice
 from continual_ft.errors import ContinualFTError
 from continual_ft.files import atomic_dir
 
@@ -70,14 +70,6 @@ __all__ = [
     "trainable_parameters",
     "dir_bytes",
 ]
-
-ADAPTER_MODES = {
-    "continue": "one adapter trained on through all stages",
-    "new": "a new adapter per stage; earlier ones stay frozen and active (same as stack)",
-    "stack": "a new adapter per stage; earlier ones stay frozen and active, their deltas add up",
-    "merge": "each stage's adapter is merged into the base weights; the next stage trains a fresh one",
-    "merge_final": "one adapter per stage trained from the base, combined with merge.method after each stage",
-}
 
 MERGED = "merged"  # name of the combined adapter under merge_final
 
@@ -117,11 +109,6 @@ def adapter_names(model) -> list[str]:
     return list(model.peft_config) if isinstance(model, PeftModel) else []
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in ADAPTER_MODES:
-        raise ContinualFTError(f"unknown adapter mode {mode!r}; choose from {', '.join(ADAPTER_MODES)}")
-
-
 def _check_targets(model, cfg: LoraConfig) -> None:
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in cfg.target_modules if t not in names]
@@ -140,7 +127,7 @@ def start_stage(model, mode: str, stage: int, cfg: LoraConfig):
 
     Exactly the parameters of this stage's adapter require grad afterwards.
     """
-    _check_mode(mode)
+    check_choice("adapter", mode)  # a caller without a RunConfig (the examples) gets the same line
     num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     name = _stage_name(mode, stage)
     if not isinstance(model, PeftModel):  # first stage, or the base just merged under `merge`
@@ -292,7 +279,7 @@ def finish_stage(
     run) changes the model alike and writes nothing. ``gather`` (under FSDP, where every process must
     call this) turns the adapter's per-process shards into whole tensors before the first process saves.
     """
-    _check_mode(mode)
+    check_choice("adapter", mode)
     run_dir = Path(run_dir)
     name = _stage_name(mode, stage)
     adapter_dir = run_dir / "adapters" / f"stage{stage + 1}"

@@ -19,9 +19,10 @@ run appends: it logs again the steps between its last checkpoint and the kill.
 
 Each tracker implements one small protocol, in the style of torchtune's metric loggers
 (torchtune/training/metric_logging.py): ``log_config``, ``log_step``, ``log_stage``, at the end
-``log_images`` and ``log_file``, then ``close``. ``TRACKERS`` is the registry of the optional ones;
-each lives in an extra (``pip install "continual-ft[tensorboard]"``), checked before the run
-directory is made (:func:`check_trackers`).
+``log_images`` and ``log_file``, then ``close``. ``TRACKERS`` is the registry of the optional ones, one
+for each name :data:`continual_ft.config.TRACKER_NAMES` allows; each lives in an extra
+(``pip install "continual-ft[tensorboard]"``), checked before the run directory is made
+(:func:`check_trackers`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from continual_ft.config import check_choice
 from continual_ft.errors import ContinualFTError
 from continual_ft.eval import metrics
 
@@ -282,7 +284,8 @@ class Backend:
     help: str
 
 
-#: ``log=[...]`` names; ``log.jsonl`` in the run folder is always written besides.
+#: A backend for each name ``log=[...]`` allows (:data:`continual_ft.config.TRACKER_NAMES`, in its order);
+#: ``log.jsonl`` in the run folder is always written besides.
 TRACKERS: dict[str, Backend] = {
     "tensorboard": Backend(TensorBoardTracker, "torch.utils.tensorboard", "event files in <run_dir>/tensorboard"),
     "wandb": Backend(WandbTracker, "wandb", "Weights & Biases, offline in <run_dir>/wandb unless WANDB_MODE=online"),
@@ -293,8 +296,7 @@ TRACKERS: dict[str, Backend] = {
 def check_trackers(names: list[str]) -> None:
     """Every tracker in ``names`` is known and importable: one line naming the install if not."""
     for name in names:
-        if name not in TRACKERS:
-            raise ContinualFTError(f"unknown tracker log={name}; choose from {', '.join(TRACKERS)}")
+        check_choice("log", name)
         try:
             importlib.import_module(TRACKERS[name].module)
         except ImportError:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from continual_ft.config import RunConfig
 from continual_ft.errors import ContinualFTError
-from continual_ft.model.adapters import ADAPTER_MODES
+from continual_ft.eval import text_metrics
 from continual_ft.report.tracking import check_trackers
+from continual_ft.train.batching import MAX_CUT_SHARE, LengthFit, length_fit
 
-__all__ = ["check_config", "check_adapter", "check_scenario", "check_fsdp"]
+__all__ = ["check_config", "check_adapter", "check_scenario", "check_lengths", "check_fsdp"]
 
 
 def check_config(config: RunConfig) -> list:
@@ -22,12 +23,9 @@ def check_config(config: RunConfig) -> list:
     from continual_ft.strategies import build
 
     strategies = build(config.strategy, config.strategy_args)
-    if config.adapter not in ADAPTER_MODES:
-        raise ContinualFTError(f"unknown adapter {config.adapter!r}; choose from {', '.join(ADAPTER_MODES)}")
     for s in strategies:
         check_adapter(s, config.adapter)
-        if hasattr(s, "check_run"):  # a strategy's own limits (avalanche:*: its package, what its loop can do)
-            s.check_run(config)
+        s.check_run(config)  # its own limits (avalanche:*: its package, what its loop can do)
     if config.quantize != "none" and config.model == "tiny":
         raise ContinualFTError(
             "quantize=nf4 loads a checkpoint in 4 bit; model=tiny is built in memory, use a directory"
@@ -57,6 +55,23 @@ def check_scenario(config: RunConfig, scenario) -> None:
     n_weights = len(config.merge.weights)
     if config.adapter == "merge_final" and n_weights and n_weights != len(scenario.stages):
         raise ContinualFTError(f"merge.weights has {n_weights} values; the scenario has {len(scenario.stages)} stages")
+    for task in scenario.tasks.values():
+        for metric in task.metrics if task.generative else ():
+            text_metrics.require(metric)  # rouge_l needs rouge-score: pip install rouge-score
+
+
+def check_lengths(encoder, scenario) -> dict[str, LengthFit]:
+    """How each task's training examples fit ``train.max_length``; a generative task whose prompts would be cut
+    in more than ``MAX_CUT_SHARE`` of its examples stops here, naming the ``max_length`` that fits them all."""
+    fits = {}
+    for name, task in scenario.tasks.items():
+        fit = fits[name] = length_fit(encoder, task.train)
+        if task.generative and fit.cut > MAX_CUT_SHARE * fit.examples:
+            raise ContinualFTError(
+                f"task '{name}': {fit.cut} of {fit.examples} training examples exceed train.max_length="
+                f"{encoder.max_length} (their prompts would be cut); train.max_length={fit.fits_all} fits them all"
+            )
+    return fits
 
 
 def check_fsdp(config: RunConfig, strategies: list, fsdp_version: int) -> None:
@@ -72,7 +87,7 @@ def check_fsdp(config: RunConfig, strategies: list, fsdp_version: int) -> None:
             "in stage 1 (a new adapter or a merge would change a sharded model)"
         )
     for s in strategies:  # O-LoRA needs adapter=new, refused above
-        if getattr(s, "uses_model", True) and not getattr(s, "handles_shards", False):
+        if s.uses_model and not s.handles_shards:
             raise ContinualFTError(
                 f"strategy={s.name} under FSDP: it reads the model's parameters, which are per-rank shards there, "
                 "and has no code for them; launch with DDP, or use naive, replay, joint, task_balanced, ewc or lwf"

@@ -21,12 +21,45 @@ import torch
 
 from continual_ft.eval import metrics, predictions
 from continual_ft.files import write_json
-from continual_ft.report.results import format_matrix, format_metrics, format_per_class, load_results, write_csv
+from continual_ft.report.results import load_results, write_csv
+from continual_ft.report.tables import format_matrix, format_metrics, format_per_class
 
 __all__ = ["METRICS", "RunRecord"]
 
-#: The R matrices: choice accuracy and exact match as evaluation scores them, macro-F1 from the predictions.
+#: The R matrices of a stream of choice tasks: accuracy and exact match as evaluation scores them, macro-F1
+#: from the predictions. A stream with a generative task has one R per metric any of its tasks names (a cell is
+#: None where the task does not have that metric), and ``primary``: each task's own primary metric.
 METRICS = ("accuracy", "exact_match", "macro_f1")
+PRIMARY = "primary"
+
+
+def r_metrics(scenario) -> list[str]:
+    """The R matrices a run of ``scenario`` keeps: :data:`METRICS` for choice tasks only, else every task's
+    metrics in order of first mention, then ``primary`` where the scenario scores by each task's own."""
+    tasks = scenario.tasks.values()
+    names = list(dict.fromkeys(m for t in tasks for m in (METRICS if not t.generative else t.metrics)))
+    return names + ([PRIMARY] if scenario.metric == PRIMARY else [])
+
+
+def _task_kinds(scenario) -> dict:
+    """For a stream with a generative task: each task's type, metrics and primary metric (``results.json``)."""
+    tasks = scenario.tasks
+    if all(not t.generative for t in tasks.values()) and scenario.metric != PRIMARY:
+        return {}
+    return {
+        "task_types": {n: t.kind for n, t in tasks.items()},
+        "task_metrics": {n: list(t.metrics) for n, t in tasks.items()},
+        "task_primary": {n: t.metric for n, t in tasks.items()},
+    }
+
+
+def _cell(d: dict, task: str, score, metric: str, f1: float | None) -> float | None:
+    """Task ``task``'s score by ``metric`` in one row: None where the task is not scored by it."""
+    if metric == PRIMARY:
+        metric = d["task_primary"][task]
+    if score.accuracy is not None:  # a choice task
+        return {"accuracy": score.accuracy, "exact_match": score.exact_match, "macro_f1": f1}.get(metric)
+    return score.scores.get(metric)
 
 
 def _now() -> str:
@@ -73,11 +106,12 @@ class RunRecord:
             "quick": config.quick,
             "tasks": tasks,
             "labels": {t: list(scenario.tasks[t].labels) for t in tasks},
+            **_task_kinds(scenario),
             "stages": [{"name": s.name, "tasks": s.tasks} for s in scenario.stages],
             "first_stage": [next(i + 1 for i, st in enumerate(scenario.stages) if t in st.tasks) for t in tasks],
             "primary_metric": scenario.metric,
             "rows": [],
-            "R": {m: [] for m in METRICS},
+            "R": {m: [] for m in r_metrics(scenario)},
             "per_class": [],
             "metrics": {},
             "largest_drop": {},
@@ -108,18 +142,16 @@ class RunRecord:
         per-class precision and recall; returns its timing entry."""
         d, tasks = self.data, self.data["tasks"]
         d["rows"].append(name)
+        choice = [t for t in tasks if scores[t].accuracy is not None]
         pairs = {
-            t: ([p["gold"] for p in scores[t].predictions], [p["chosen"] for p in scores[t].predictions]) for t in tasks
+            t: ([p["gold"] for p in scores[t].predictions], [p["chosen"] for p in scores[t].predictions])
+            for t in choice
         }
-        row = {
-            "accuracy": [scores[t].accuracy for t in tasks],
-            "exact_match": [scores[t].exact_match for t in tasks],
-            "macro_f1": [predictions.macro_f1(*pairs[t]) for t in tasks],
-        }
+        f1 = {t: predictions.macro_f1(*pairs[t]) for t in choice}
         for m in d["R"]:  # a run resumed from before macro-F1 goes on without it
-            d["R"][m].append(row[m])
+            d["R"][m].append([_cell(d, t, scores[t], m, f1.get(t)) for t in tasks])
         if "labels" in d:
-            d.setdefault("per_class", []).append({t: predictions.per_class(*pairs[t], d["labels"][t]) for t in tasks})
+            d.setdefault("per_class", []).append({t: predictions.per_class(*pairs[t], d["labels"][t]) for t in choice})
         self._unsaved[len(d["rows"]) - 1] = {t: scores[t].predictions for t in tasks}
         seconds = sum(s.seconds for s in scores.values())
         n = sum(s.n for s in scores.values())
@@ -155,9 +187,13 @@ class RunRecord:
 
         d = self.data
         for m in d["R"]:
-            d["metrics"][m] = metrics.summary(d["R"][m], d["first_stage"])
+            # over the tasks this metric scores (every task, but in a stream that mixes task types)
+            cols = [j for j, v in enumerate(d["R"][m][0]) if v is not None]
+            R = [[row[j] for j in cols] for row in d["R"][m]]
+            first = [d["first_stage"][j] for j in cols]
+            d["metrics"][m] = metrics.summary(R, first)
             d.setdefault("largest_drop", {})[m] = dict(
-                zip(d["tasks"], metrics.largest_drops(d["R"][m], d["first_stage"]))
+                zip([d["tasks"][j] for j in cols], metrics.largest_drops(R, first))
             )
         self.save(peak_memory_mb, complete=True)
         write_csv(self.run_dir / "results.csv", self.data)

@@ -1,9 +1,9 @@
 """``run(config) -> Results`` and ``resume(run_dir) -> Results``: a continual run, set up, stage by stage, finished.
 
-    run = _setup(config)              # checks, model, data, the run record
+    run = _setup(config)                # checks, model, data, the run record
     for stage in remaining stages:
-        _train_stage(run, stage)      # adapter, hooks + training (continual_ft.train.protocol), save, evaluate, record
-    _finish(run)                      # merged model, metrics, CSV, heatmaps
+        _train_and_record(run, stage)   # adapter, hooks + training (train.protocol), save, evaluate, record
+    _finish(run)                        # merged model, metrics, CSV, heatmaps
 
 Everything the user can get wrong is checked before the run directory is created, so bad input
 never leaves a half-made run behind. After each stage everything needed to go on is on disk
@@ -36,15 +36,16 @@ from continual_ft.model import adapters
 from continual_ft.model.loading import load_model
 from continual_ft.report.results import load_results
 from continual_ft.report.tracking import Trackers, open_trackers, stage_values
-from continual_ft.run.checkpoint import StepCheckpoints, load_boundary, save_boundary, set_rng_state
-from continual_ft.run.checks import check_config, check_fsdp, check_scenario
+from continual_ft.run.checkpoint import load_boundary, save_boundary
+from continual_ft.run.checks import check_config, check_fsdp, check_lengths, check_scenario
 from continual_ft.run.record import RunRecord
-from continual_ft.run.state_codec import load_tree, save_tree
+from continual_ft.state_codec import load_tree, save_tree
 from continual_ft.train.batching import Encoder
+from continual_ft.train.checkpoint import StepCheckpoints, set_rng_state
 from continual_ft.train.distributed import Dist, get_dist
 from continual_ft.train.loop import NonFiniteLoss, autocast_for, train_stage
 from continual_ft.train.precision import PrecisionChoice, choose_precision
-from continual_ft.train.protocol import Batches, run_stage, stage_info
+from continual_ft.train.protocol import Batches, StageInfo, StageRun, run_stage, stage_info, training_loop
 
 __all__ = ["Results", "run", "resume", "report", "peak_memory_mb", "reset_peak_memory"]
 
@@ -182,10 +183,18 @@ def _setup(config: RunConfig, progress: bool, kept_precision: str | None = None)
         # FSDP: the whole model stays on the CPU; _shard moves each process's share to its device.
         model = model.to(device=torch.device("cpu") if dist.is_fsdp else device, dtype=dtype)
     encoder = Encoder(tokenizer, config.train.max_length, config.data.chat_template, config.data.system_prompt)
+    fits = check_lengths(encoder, scenario)
     run = _Run(
         config, scenario, strategies, model, tokenizer, encoder, device, precision, dist, choice, progress=progress
     )
     run.log(choice.line)
+    for name, fit in fits.items():
+        if fit.cut:
+            run.log(
+                f"task '{name}': {fit.cut} of {fit.examples} training prompts cut from the left to fit "
+                f"train.max_length={encoder.max_length}"
+                + (f", {fit.too_long} answers fill it alone" if fit.too_long else "")
+            )
     return run
 
 
@@ -211,12 +220,19 @@ def _evaluate(run: _Run, row: str) -> dict:
         for name, task in run.scenario.tasks.items()
     }
     entry = run.record.add_row(row, scores)
-    run.log(
-        f"[eval] {row}: "
-        + ", ".join(f"{t} acc={100 * s.accuracy:.1f} em={100 * s.exact_match:.1f}" for t, s in scores.items())
-        + f" ({entry['seconds']:.0f}s)"
-    )
+    run.log(f"[eval] {row}: " + ", ".join(_score_line(t, s) for t, s in scores.items()) + f" ({entry['seconds']:.0f}s)")
     return entry
+
+
+#: How the eval line names a metric: ``legal acc=17.3 em=2.0``, ``qa rouge_l=41.2 em=12.0 chrf=50.3``.
+_SHORT = {"accuracy": "acc", "exact_match": "em"}
+
+
+def _score_line(task: str, score) -> str:
+    """One task's scores on the ``[eval]`` line, in percent."""
+    if score.accuracy is not None:
+        return f"{task} acc={100 * score.accuracy:.1f} em={100 * score.exact_match:.1f}"
+    return task + " " + " ".join(f"{_SHORT.get(m, m)}={100 * v:.1f}" for m, v in score.scores.items())
 
 
 def _save_boundary(run: _Run) -> None:
@@ -240,10 +256,43 @@ def _as_is(x):
     return x
 
 
-def _train_stage(run: _Run, i: int) -> None:
+def _train_and_record(run: _Run, i: int) -> None:
     """Stage ``i``: its adapter, the strategy hooks around training, then save, evaluate and record it."""
-    config, stage_def = run.config, run.scenario.stages[i]
-    tasks = run.scenario.tasks
+    name = run.scenario.stages[i].name
+    info, validation = _stage_data(run, i)
+    setup = time.perf_counter()
+    run.model = adapters.start_stage(run.model, run.config.adapter, i, run.config.lora)
+    setup = time.perf_counter() - setup
+    checkpoints = StepCheckpoints(
+        run.run_dir,
+        i,
+        run.config.train.checkpoint_every,
+        run.config.train.checkpoint_minutes,
+        write=run.dist.is_main,
+        resumable=i == run.resume_stage,  # only the stage a resume goes on in can have a checkpoint to load
+    )
+    _log_start(run, i)
+    done = _train(run, i, info, validation, checkpoints)
+    params = adapters.trainable_parameters(run.model)  # before finish_stage, which may merge the adapter away
+    out = _save_stage(run, i)
+    _log_trained(run, i, done, len(info.examples))
+    latency = _evaluate(run, f"after {name}")
+    stats = {
+        "stage": name,
+        **_training_stats(done, setup),
+        "strategy_stats": {s.name: s.stats() for s in run.strategies if s.stats()},
+        **_adapter_stats(run, out, params),
+        **_evaluation_stats(latency),
+        **_merged_stats(run, out),
+    }
+    run.record.add_stage(stats)
+    _save_boundary(run)
+    checkpoints.clear()
+
+
+def _stage_data(run: _Run, i: int) -> tuple[StageInfo, list]:
+    """What the strategies see of stage ``i`` (its own examples, batching, ...) and its validation examples."""
+    stage_def, tasks, config = run.scenario.stages[i], run.scenario.tasks, run.config
     own = [ex for t in stage_def.tasks for ex in tasks[t].train]
     validation = [ex for t in stage_def.tasks for ex in tasks[t].validation]
     # The global batch size, each process taking its share of the batches: as one process would batch them.
@@ -253,31 +302,34 @@ def _train_stage(run: _Run, i: int) -> None:
     every = run.dist.is_fsdp
     batches = Batches(run.encoder, batch_size, run.device, run.autocast, shard=_as_is if every else run.dist.shard)
     last = i == len(run.scenario.stages) - 1
-    stage = stage_info(i, stage_def.tasks, own, batches, final=last, sum_across=_as_is if every else run.dist.sum)
-    setup = time.perf_counter()
-    run.model = adapters.start_stage(run.model, config.adapter, i, config.lora)
-    setup = time.perf_counter() - setup
-    checkpoints = StepCheckpoints(
-        run.run_dir,
-        i,
-        config.train.checkpoint_every,
-        config.train.checkpoint_minutes,
-        write=run.dist.is_main,
-        resumable=i == run.resume_stage,  # only the stage a resume goes on in can have a checkpoint to load
-    )
+    info = stage_info(i, stage_def.tasks, own, batches, final=last, sum_across=_as_is if every else run.dist.sum)
+    return info, validation
+
+
+def _log_start(run: _Run, i: int) -> None:
+    config, dist = run.config, run.dist
     run.log(
-        f"[stage {i + 1}/{len(run.scenario.stages)}] {stage_def.name}: strategy={config.strategy}, "
+        f"[stage {i + 1}/{len(run.scenario.stages)}] {run.scenario.stages[i].name}: strategy={config.strategy}, "
         f"adapter={config.adapter}, {run.precision}"
-        + (f", {run.dist.world} processes{' (FSDP)' if run.dist.is_fsdp else ''}" if run.dist.world > 1 else "")
+        + (f", {dist.world} processes{' (FSDP)' if dist.is_fsdp else ''}" if dist.world > 1 else "")
     )
 
-    first_step = sum(s["steps"] for s in run.record.data["stage_stats"])  # a tracker's step axis runs on
+
+def _step_logger(run: _Run, i: int) -> Callable[[int, dict], None]:
+    """Each optimizer step's values to the trackers, on a step axis that runs on across stages."""
+    first_step = sum(s["steps"] for s in run.record.data["stage_stats"])
 
     def on_step(step: int, values: dict) -> None:
         run.tracker.log_step(first_step + step, {"train/stage": i + 1, **{f"train/{k}": v for k, v in values.items()}})
 
-    # A strategy that brings its own training loop (strategies/avalanche.py: Avalanche's) trains the stage.
-    loop = next((s.train_stage for s in run.strategies if hasattr(s, "train_stage")), train_stage)
+    return on_step
+
+
+def _train(run: _Run, i: int, info: StageInfo, validation: list, checkpoints: StepCheckpoints) -> StageRun:
+    """The strategy hooks around the training loop (:func:`continual_ft.train.protocol.run_stage`)."""
+    config, on_step = run.config, _step_logger(run, i)
+    # A method that is a loop of its own (integrations/avalanche_loops.py: Avalanche's) trains the stage instead.
+    loop = training_loop(run.strategies, train_stage)
 
     def train(examples):
         return loop(
@@ -287,25 +339,28 @@ def _train_stage(run: _Run, i: int) -> None:
             validation,
             config.train,
             run.strategies,
-            stage,
+            info,
             seed=config.seed + i,
             autocast=run.autocast,
             progress=run.progress and run.dist.is_main,
-            desc=f"stage {i + 1} ({stage_def.name})",
+            desc=f"stage {i + 1} ({run.scenario.stages[i].name})",
             checkpoints=checkpoints,
             dist=run.dist,
             on_step=on_step,
         )
 
     try:
-        done = run_stage(run.model, stage, run.strategies, train)
+        return run_stage(run.model, info, run.strategies, train)
     except NonFiniteLoss as e:
         raise ContinualFTError(
             f"{e}; results so far are intact: lower train.lr and go on from the last checkpoint with "
             f"`python cli.py resume {run.run_dir} --set train.lr=...`"
         ) from None
-    st = done.result
-    trainable, total = adapters.trainable_parameters(run.model)
+
+
+def _save_stage(run: _Run, i: int) -> adapters.StageOutput:
+    """The stage's adapter (merged, combined, as ``adapter=`` says) and the strategies' state, on disk."""
+    config = run.config
     out = adapters.finish_stage(
         run.model,
         config.adapter,
@@ -321,19 +376,27 @@ def _train_stage(run: _Run, i: int) -> None:
     if any(state.values()) and run.dist.is_main:
         # Beside the adapters, not inside: EWC's Fisher and anchors are not part of what a model serves.
         save_tree(run.run_dir / "strategy_state" / f"stage{i + 1}", state)
+    return out
+
+
+def _log_trained(run: _Run, i: int, done: StageRun, own: int) -> None:
+    st = done.result
     run.log(
-        f"[stage {i + 1}] {done.examples} examples ({len(own)} own), {st.steps} steps, {st.tokens} tokens in "
+        f"[stage {i + 1}] {done.examples} examples ({own} own), {st.steps} steps, {st.tokens} tokens in "
         f"{st.seconds:.0f}s ({st.tokens_per_s:.0f} tok/s), train loss {st.train_loss:.3f}"
         + (f", resumed at step {st.resumed_at_step}" if st.resumed_at_step else "")
     )
-    latency = _evaluate(run, f"after {stage_def.name}")
-    stats = {
-        "stage": stage_def.name,
+
+
+def _training_stats(done: StageRun, setup_seconds: float) -> dict:
+    """results.json's training entries of a stage, in their order there."""
+    st = done.result
+    return {
         "examples": done.examples,
         "steps": st.steps,
         "tokens": st.tokens,
         "train_seconds": st.seconds,
-        "strategy_seconds": done.hook_seconds + setup,  # train_data, adapter set-up, before/after_stage hooks
+        "strategy_seconds": done.hook_seconds + setup_seconds,  # train_data, adapter set-up, before/after_stage hooks
         "checkpoint_seconds": st.checkpoint_seconds,
         "resumed_at_step": st.resumed_at_step,
         "tokens_per_s": st.tokens_per_s,
@@ -342,7 +405,13 @@ def _train_stage(run: _Run, i: int) -> None:
         "best_val_loss": st.best_val_loss,
         "stopped_early": st.stopped_early,
         "penalty": st.penalty,
-        "strategy_stats": {s.name: s.stats() for s in run.strategies if s.stats()},
+    }
+
+
+def _adapter_stats(run: _Run, out: adapters.StageOutput, params: tuple[int, int]) -> dict:
+    """The parameters trained and the adapter files' sizes."""
+    trainable, total = params
+    return {
         "trainable_params": trainable,
         "total_params": total,
         "adapter_dir": str(out.adapter_dir.relative_to(run.run_dir)),
@@ -350,16 +419,25 @@ def _train_stage(run: _Run, i: int) -> None:
         # What the evaluated model adds to its base: all stacked adapters, the combined
         # one (merge_final), or nothing once merged into the weights (merge).
         "serving_adapter_bytes": sum(adapters.dir_bytes(d) for d in out.serving_dirs),
+    }
+
+
+def _evaluation_stats(latency: dict) -> dict:
+    return {
         "eval_seconds": latency["seconds"],
         "eval_seconds_per_example": latency["seconds_per_example"],
         "eval_tokens_per_s": latency["tokens_per_s"],
     }
-    if out.merged_dir is not None:
-        stats["merged_adapter_dir"] = str(out.merged_dir.relative_to(run.run_dir))
-        stats["merged_adapter_bytes"] = adapters.dir_bytes(out.merged_dir)
-    run.record.add_stage(stats)
-    _save_boundary(run)
-    checkpoints.clear()
+
+
+def _merged_stats(run: _Run, out: adapters.StageOutput) -> dict:
+    """The merged adapter's folder and size, where ``adapter=`` merges one."""
+    if out.merged_dir is None:
+        return {}
+    return {
+        "merged_adapter_dir": str(out.merged_dir.relative_to(run.run_dir)),
+        "merged_adapter_bytes": adapters.dir_bytes(out.merged_dir),
+    }
 
 
 def _finish(run: _Run) -> Results:
@@ -378,7 +456,7 @@ def _finish(run: _Run) -> Results:
 
 def _run_stages(run: _Run, on_stage: Callable[[int, RunRecord], None] | None = None) -> Results:
     for i in range(run.record.stages_done, len(run.scenario.stages)):
-        _train_stage(run, i)
+        _train_and_record(run, i)
         if on_stage is not None:  # after results.json is saved: an exception here leaves the stages done readable
             on_stage(i, run.record)
     return _finish(run)

@@ -34,6 +34,7 @@ from continual_ft.errors import ContinualFTError
 from continual_ft.files import atomic_write
 from continual_ft.report.plots import heatmap_grid, metric_bars
 from continual_ft.report.results import load_results
+from continual_ft.report.tables import markdown_table
 from continual_ft.run.checks import check_config
 from continual_ft.study.over_seeds import NOTE, Group, bar_values, format_groups, format_significance, group_runs
 
@@ -46,7 +47,10 @@ __all__ = [
     "find_finished",
     "compare",
     "format_table",
+    "format_stage_table",
+    "baseline_entry",
     "format_summary",
+    "write_report",
 ]
 
 #: Config keys that never make two runs different.
@@ -202,7 +206,7 @@ HEADER = [
 
 def format_table(entries: list[Entry]) -> str:
     """The comparison as a markdown table, one row per run."""
-    return _markdown([HEADER] + [_row(e) for e in entries])
+    return markdown_table([HEADER] + [_row(e) for e in entries])
 
 
 def _stage_cost(stats: dict) -> float | None:
@@ -237,21 +241,7 @@ def format_stage_table(entries: list[Entry]) -> str:
         ]
         hooks = ", ".join(f"{s.get('strategy_seconds', 0.0):.0f}" for s in stats)
         rows.append([e.name, *("—" if c is None else f"{c:.2f}" for c in costs), *ratios, hooks or "—"])
-    return _markdown(rows)
-
-
-def _markdown(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-
-    def line(cells: list[str]) -> str:  # run names left-aligned, numbers right-aligned
-        return (
-            "| "
-            + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-            + " |"
-        )
-
-    rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
+    return markdown_table(rows)
 
 
 def _configs(entries: list[Entry]) -> list[dict | None]:

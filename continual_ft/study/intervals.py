@@ -87,13 +87,19 @@ class RunSample:
         if rows is None or (metric == "exact_match" and "labels" not in results):
             return None
         tasks, gold, scores = results["tasks"], [], []
+        # ``primary``: each task by its own primary metric; a metric some task is not scored by has no sample
+        own = {t: results["task_primary"][t] if metric == "primary" else metric for t in tasks}
+        if any(own[t] not in results.get("task_metrics", {}).get(t, [own[t]]) for t in tasks):
+            return None
+        if (metric == "macro_f1" and results.get("task_types")) or (metric == "primary" and "macro_f1" in own.values()):
+            return None  # macro-F1 beside other metrics in one R: no per-example sample to draw
         for t in tasks:
             gold.append(np.array([p["gold"] for p in rows[0][t]]))
             if metric == "macro_f1":
                 scores.append(np.array([[p["chosen"] for p in row[t]] for row in rows]))
             else:
                 labels = results.get("labels", {}).get(t, [])
-                scores.append(np.stack([predictions.correct(row[t], metric, labels) for row in rows]))
+                scores.append(np.stack([predictions.correct(row[t], own[t], labels) for row in rows]))
         return cls(metric, list(results["first_stage"]), gold, scores)
 
     def R(self, idx: list[np.ndarray] | None = None) -> np.ndarray:

@@ -16,9 +16,19 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from continual_ft.report.tables import markdown_table
 from continual_ft.study.intervals import B, Interval, RunSample, intervals, mean_std, paired_intervals
 
-__all__ = ["Group", "group_runs", "format_groups", "format_significance", "bar_values", "REFERENCES"]
+__all__ = [
+    "Group",
+    "group_runs",
+    "format_groups",
+    "format_significance",
+    "bar_values",
+    "REFERENCES",
+    "SHOWN",
+    "NOTE",
+]
 
 #: What every configuration is set against.
 REFERENCES = ("naive", "joint")
@@ -148,13 +158,6 @@ def _cell(estimate: tuple | None) -> str:
     return text
 
 
-def _markdown(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
-    return "\n".join([lines[0], rule, *lines[1:]])
-
-
 def format_groups(groups: list[Group]) -> str:
     """One row per configuration: each metric as mean ± std over seeds [95% interval], in %."""
     header = ["configuration", "seeds", *(f"{v} (%)" for v in SHOWN.values()), "macro-F1 ACC (%)"]
@@ -163,7 +166,7 @@ def format_groups(groups: list[Group]) -> str:
         est = g.estimates.get(g.primary, {})
         macro = g.estimates.get("macro_f1", {}).get("acc")
         rows.append([g.name, ", ".join(map(str, g.seeds)), *(_cell(est.get(k)) for k in SHOWN), _cell(macro)])
-    return _markdown(rows)
+    return markdown_table(rows, justify="left")
 
 
 def _difference(interval: Interval | None) -> str:
@@ -186,7 +189,7 @@ def format_significance(groups: list[Group]) -> str:
             _, diff = g.versus.get(r, (None, None))
             cells += [_difference((diff or {}).get(k)) for k in ("acc", "bwt")]
         rows.append([g.name, *cells])
-    return _markdown(rows)
+    return markdown_table(rows, justify="left")
 
 
 def bar_values(groups: list[Group]) -> dict[str, dict[str, tuple]]:

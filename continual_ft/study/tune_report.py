@@ -14,6 +14,7 @@ from pathlib import Path
 
 from continual_ft.files import atomic_write
 from continual_ft.report.plots import save_figure  # sets matplotlib's Agg backend before Optuna's plots load
+from continual_ft.report.tables import markdown_table
 
 __all__ = ["write_report", "format_value"]
 
@@ -80,11 +81,9 @@ def _plots(study, objective: str, out: Path) -> tuple[list[Path], list[str]]:
 
 def write_report(study, objective: str, out: Path, command: str) -> tuple[str, str | None, list[Path]]:
     """Write ``report.md``, ``trials.csv`` and the plots to ``out``; returns the table, the best command, the files."""
-    from continual_ft.study.compare import _markdown
-
     out = Path(out)
     header, raw, shown = _rows(study)
-    table = _markdown([header, *shown])
+    table = markdown_table([header, *shown])
     buf = io.StringIO()
     csv.writer(buf).writerows([header[:-1] + ["run_dir"], *raw])
     atomic_write(out / "trials.csv", buf.getvalue())

@@ -2,6 +2,7 @@
 
 - :mod:`~continual_ft.train.protocol`: the one order of strategy hooks (``run_stage``, ``after_backward``, ...)
 - :mod:`~continual_ft.train.loop`: our trainer, one stage in named steps
+- :mod:`~continual_ft.train.checkpoint`: the latest checkpoint inside a stage, its progress as one dataclass
 - :mod:`~continual_ft.train.batching`: examples to token batches (prompt format, answer-only labels, length grouping)
 - :mod:`~continual_ft.train.losses`: the answer-token losses every loop shares
 - :mod:`~continual_ft.train.generation`: batched sampling with a KV cache (strategies that write text)

@@ -27,7 +27,14 @@ __all__ = [
     "split_rows",
     "in_global_batch",
     "to_device",
+    "LengthFit",
+    "length_fit",
+    "MAX_CUT_SHARE",
 ]
+
+#: A generative task whose training prompts would be cut (from the left, to fit ``train.max_length``) in more
+#: than this share of its examples stops before training, naming the ``max_length`` that fits them.
+MAX_CUT_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -240,3 +247,26 @@ def in_global_batch(batch: dict, whole: Sequence[Encoded], rows: Sequence[int]) 
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+@dataclass(frozen=True)
+class LengthFit:
+    """How a task's training examples fit ``max_length`` tokens: the prompt is cut from the left, never the
+    answer; an answer of ``max_length`` tokens or more leaves no room for any prompt."""
+
+    examples: int
+    cut: int  # prompts cut from the left
+    too_long: int  # answers that alone fill max_length: trained with one prompt token
+    fits_all: int  # the max_length at which nothing is cut
+
+
+def length_fit(encoder: Encoder, examples: Sequence) -> LengthFit:
+    """Count the examples whose prompt + answer exceed ``encoder.max_length`` (tokenised once, as training does)."""
+    tok, cut, too_long, longest = encoder.tokenizer, 0, 0, 0
+    for ex in examples:
+        prompt = len(tok(encoder.prompt_text(ex.prompt), add_special_tokens=False)["input_ids"])
+        answer = len(encoder.answer_ids(ex.answer))
+        cut += prompt + answer > encoder.max_length
+        too_long += answer >= encoder.max_length
+        longest = max(longest, prompt + answer)
+    return LengthFit(len(examples), cut, too_long, longest)

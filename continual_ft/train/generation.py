@@ -52,24 +52,7 @@ def sample(
     (:func:`prefix_cache`), the rest left-padded after them; positions count real tokens.
     """
     device = next(model.parameters()).device
-    cache, shared = prefix_cache(model, prompts, device) if len(prompts) > 1 else (None, 0)
-    if cache is not None:
-        cache.batch_repeat_interleave(len(prompts))
-    rest = [list(p[shared:]) for p in prompts]
-    width, pad = max(len(r) for r in rest), tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rest], device=device)
-    real = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=device)
-    mask = torch.cat([real.new_ones(len(rest), shared), real], 1)  # the shared tokens, then the padded rest
-    position = shared + (real.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=position,
-        use_cache=True,
-        logits_to_keep=last_positions(1, width, device),
-        **({cache_kwarg(model): cache} if cache is not None else {}),
-    )
-    cache, logits = cache_of(out), out.logits[:, -1]
+    cache, logits, mask, position = _prefill(model, prompts, tokenizer.pad_token_id, device)
     if samples > 1:
         cache.batch_repeat_interleave(samples)
         logits, mask, position = (t.repeat_interleave(samples, 0) for t in (logits, mask, position))
@@ -78,13 +61,7 @@ def sample(
     rows = list(range(len(texts)))  # the rows still in the batch, as indices into texts
     for step in range(max_new_tokens):
         token = _pick(logits.float(), temperature, top_p)
-        keep = []
-        for i, (row, t) in enumerate(zip(rows, token.tolist())):
-            if t in ends:
-                continue
-            texts[row].append(t)
-            if not any(s in tokenizer.decode(texts[row], skip_special_tokens=True) for s in stop):
-                keep.append(i)
+        keep = _extend(texts, rows, token.tolist(), ends, tokenizer, stop)
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(rows):
@@ -103,6 +80,42 @@ def sample(
         )
         cache, logits = cache_of(out), out.logits[:, -1]
     return texts
+
+
+def _prefill(model, prompts: Sequence[Sequence[int]], pad: int, device):
+    """The prompts through the model, their shared first tokens once: the KV cache, each row's last logits,
+    its attention mask (the shared tokens, then the left-padded rest) and its last position."""
+    cache, shared = prefix_cache(model, prompts, device) if len(prompts) > 1 else (None, 0)
+    if cache is not None:
+        cache.batch_repeat_interleave(len(prompts))
+    rest = [list(p[shared:]) for p in prompts]
+    width = max(len(r) for r in rest)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rest], device=device)
+    real = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=device)
+    mask = torch.cat([real.new_ones(len(rest), shared), real], 1)
+    position = shared + (real.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position,
+        use_cache=True,
+        logits_to_keep=last_positions(1, width, device),
+        **({cache_kwarg(model): cache} if cache is not None else {}),
+    )
+    return cache_of(out), out.logits[:, -1], mask, position
+
+
+def _extend(texts: list[list[int]], rows: list[int], tokens: list[int], ends: set[int], tokenizer, stop) -> list[int]:
+    """Append each row's new token to its text; returns the positions in ``rows`` of those still writing
+    (not at an end token, no stop string in the text yet)."""
+    keep = []
+    for i, (row, t) in enumerate(zip(rows, tokens)):
+        if t in ends:
+            continue
+        texts[row].append(t)
+        if not any(s in tokenizer.decode(texts[row], skip_special_tokens=True) for s in stop):
+            keep.append(i)
+    return keep
 
 
 def prefix_cache(model, prompts: Sequence[Sequence[int]], device):

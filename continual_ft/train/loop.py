@@ -14,9 +14,13 @@ compute on the whole global batch, up to the order of floating-point sums. Each 
 where its rows sit in the global batch (:func:`~continual_ft.train.batching.in_global_batch`), so a
 penalty that is a mean over chosen rows (LwF) chooses and averages over the global batch too.
 
-Resuming: :class:`~continual_ft.run.checkpoint.StepCheckpoints` saves the trainable weights, optimizer,
-scheduler, RNG states and the number of micro-batches drawn; a resumed stage reloads them and
-skips that many micro-batches of the same seeded stream, so it goes on exactly where it stopped.
+The stage reads as torchtune's recipes do: :func:`train_stage` sets a :class:`_Trainer` up (``_setup_*``),
+restores it, then runs a plain loop of ``_step``, ``_validate`` and ``_checkpoint``.
+
+Resuming: :class:`~continual_ft.train.checkpoint.StepCheckpoints` saves the trainable weights, optimizer,
+scheduler, RNG states and the stage's :class:`~continual_ft.train.checkpoint.StageProgress` (the number of
+micro-batches drawn among it); a resumed stage reloads them and skips that many micro-batches of the same
+seeded stream, so it goes on exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ from transformers import get_scheduler
 from continual_ft.config import TrainConfig
 from continual_ft.data.tasks import Example
 from continual_ft.errors import ContinualFTError
-from continual_ft.run.checkpoint import StepCheckpoints, rng_state, set_rng_state
 from continual_ft.train.batching import (
     Encoded,
     Encoder,
@@ -46,6 +49,7 @@ from continual_ft.train.batching import (
     split_rows,
     to_device,
 )
+from continual_ft.train.checkpoint import StageProgress, StepCheckpoints, rng_state, set_rng_state
 from continual_ft.train.losses import token_loss
 from continual_ft.train.precision import choose_precision
 from continual_ft.train.protocol import after_backward, total_penalty
@@ -131,7 +135,7 @@ def training_attention(model, attention: str, device: torch.device):
     """Train with the ``train.attention`` kernel, then give the model back its own (evaluation's).
 
     ``auto`` is eager on CPU: for LoRA training at 256 tokens, torch's CPU flash-attention backward
-    took a fifth of the step, and eager trained 1.3x faster (bench/README.md). Elsewhere the model's own.
+    took a fifth of the step, and eager trained 1.3x faster (docs/performance.md). Elsewhere the model's own.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     wanted = ("eager" if device.type == "cpu" else None) if attention == "auto" else attention
@@ -294,159 +298,261 @@ def train_stage(
     With ``checkpoints``, saves the latest in-stage checkpoint as configured and, if one of this
     stage exists already, goes on from it. Raises :class:`NonFiniteLoss` on a NaN or infinite loss.
     """
-    device = next(model.parameters()).device
-    pad = encoder.tokenizer.pad_token_id
-    encoded = [encoder.encode(e) for e in examples]
-    world = 1 if dist is None else dist.world
-    # Every process draws the same global batches: `world` times the per-process size or token budget.
-    multiple = pad_multiple(cfg, device)
-    grouping = dict(max_tokens=cfg.max_tokens * world, packed=cfg.packing, multiple=multiple)
-    global_batch = cfg.batch_size * world
-    rng = random.Random(seed)
-    if cfg.max_tokens:  # how many budgets an epoch fills: count the first epoch's (same seed, another generator)
-        batches_per_epoch = sum(
-            1 for _ in length_grouped_batches(encoded, global_batch, random.Random(seed), **grouping)
-        )
-    else:
-        batches_per_epoch = math.ceil(len(encoded) / global_batch)
-    total_steps = cfg.max_steps or cfg.epochs * math.ceil(batches_per_epoch / cfg.grad_accum)
-
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(
-        cfg.schedule, optimizer, num_warmup_steps=min(cfg.warmup_steps, total_steps), num_training_steps=total_steps
+    trainer = _Trainer(
+        model, encoder, examples, validation, cfg, strategies, stage, seed, autocast, desc, checkpoints, dist, on_step
     )
-    train_model = model
-    if world > 1:
-        train_model, optimizer = dist.prepare(model, optimizer)
-        # FSDP shards in place: the trainable parameters are new (DTensor) objects now.
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        params = [p for _, p in named]
+    trainer.restore()
+    return trainer.train(progress)
 
-    def micro_batches():
-        while True:  # epochs, reshuffled each time; the step budget decides when to stop
-            yield from length_grouped_batches(encoded, global_batch, rng, **grouping)
 
-    budget = micro_token_budget(cfg, device, dist)
-    stats, stream = StageStats(), micro_batches()
-    best_state, bad_evals, loss_sum, loss_tokens, drawn, last_loss, done = None, 0, 0.0, 0, 0, None, 0.0
-    penalty_sum = None
-    saved = checkpoints.load() if checkpoints is not None else None
-    if saved is not None:
-        if world > 1:  # FSDP: the checkpoint holds whole tensors, each rank keeps its shard of them
-            saved = _shard_saved(saved, named, optimizer, dist)
+def _trainable(model) -> list:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+class _Trainer:
+    """One stage of training: set up (``_setup_*``), restored from an in-stage checkpoint if one was saved,
+    then a plain loop of ``_step``, ``_validate``, ``_checkpoint``. What a checkpoint carries across a kill
+    is the objects' states (:meth:`_state`) and ``self.progress``, one :class:`StageProgress`."""
+
+    def __init__(
+        self,
+        model,
+        encoder,
+        examples,
+        validation,
+        cfg,
+        strategies,
+        stage,
+        seed,
+        autocast,
+        desc,
+        checkpoints,
+        dist,
+        on_step,
+    ):
+        self.model, self.encoder, self.validation, self.cfg = model, encoder, validation, cfg
+        self.strategies, self.stage, self.autocast, self.desc = strategies, stage, autocast, desc
+        self.checkpoints, self.dist, self.on_step = checkpoints, dist, on_step
+        self.device = next(model.parameters()).device
+        self.world = 1 if dist is None else dist.world
+        self.multiple = pad_multiple(cfg, self.device)
+        self._setup_batches(examples, seed)
+        self._setup_optimizer()
+        self.budget = micro_token_budget(cfg, self.device, dist)
+        self.progress, self.best_state = StageProgress(), None
+        self.stopped_early, self.checkpoint_seconds, self.resumed_at_step = False, 0.0, None
+
+    def _setup_batches(self, examples: Sequence[Example], seed: int) -> None:
+        """The seeded stream of global batches, endless (epochs reshuffled), and the steps the stage takes."""
+        cfg = self.cfg
+        self.pad = self.encoder.tokenizer.pad_token_id
+        encoded = [self.encoder.encode(e) for e in examples]
+        # Every process draws the same global batches: `world` times the per-process size or token budget.
+        grouping = dict(max_tokens=cfg.max_tokens * self.world, packed=cfg.packing, multiple=self.multiple)
+        global_batch = cfg.batch_size * self.world
+        rng = random.Random(seed)
+        if cfg.max_tokens:  # how many budgets an epoch fills: count the first epoch's (same seed, another generator)
+            per_epoch = sum(1 for _ in length_grouped_batches(encoded, global_batch, random.Random(seed), **grouping))
+        else:
+            per_epoch = math.ceil(len(encoded) / global_batch)
+        self.total_steps = cfg.max_steps or cfg.epochs * math.ceil(per_epoch / cfg.grad_accum)
+
+        def epochs():
+            while True:  # the step budget decides when to stop
+                yield from length_grouped_batches(encoded, global_batch, rng, **grouping)
+
+        self.stream = epochs()
+
+    def _setup_optimizer(self) -> None:
+        """AdamW on the trainable parameters and the schedule; with several processes, the model wrapped."""
+        cfg = self.cfg
+        named = _trainable(self.model)
+        self.optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = min(cfg.warmup_steps, self.total_steps)
+        self.scheduler = get_scheduler(
+            cfg.schedule, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
+        )
+        self.train_model = self.model
+        if self.world > 1:
+            self.train_model, self.optimizer = self.dist.prepare(self.model, self.optimizer)
+            # FSDP shards in place: the trainable parameters are new (DTensor) objects now.
+            named = _trainable(self.model)
+        self.named, self.params = named, [p for _, p in named]
+
+    def _state(self) -> dict:
+        """What an in-stage checkpoint saves besides ``self.progress``; :meth:`restore` puts each back."""
+        return {
+            "params": {n: p.detach() for n, p in self.named},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "best_state": self.best_state,
+        }
+
+    def restore(self) -> None:
+        """Go on from this stage's in-stage checkpoint, if one was saved: the objects' states, the progress,
+        and the batch stream past the micro-batches it had drawn."""
+        saved = self.checkpoints.load() if self.checkpoints is not None else None
+        if saved is None:
+            return
+        self.progress, state = saved
+        if self.world > 1:  # FSDP: the checkpoint holds whole tensors, each rank keeps its shard of them
+            state = _shard_saved(state, self.named, self.optimizer, self.dist)
         with torch.no_grad():
-            for n, p in named:
-                p.copy_(saved["params"][n].to(p.device))
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        for _ in range(saved["drawn"]):
-            next(stream)
-        run = saved["run"]
-        stats.steps, stats.tokens, stats.val_losses = run["steps"], run["tokens"], run["val_losses"]
-        stats.best_val_loss, stats.resumed_at_step = run["best_val_loss"], run["steps"]
-        bad_evals, loss_sum, loss_tokens, drawn = run["bad_evals"], run["loss_sum"], run["loss_tokens"], saved["drawn"]
-        last_loss, done = run["last_loss"], run["seconds"]
-        penalty_sum = run.get("penalty_sum")  # absent from checkpoints written before it was recorded
-        best_state = saved.get("best_state")
-        set_rng_state(saved["rng"])
+            for n, p in self.named:
+                p.copy_(state["params"][n].to(p.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for _ in range(self.progress.drawn):
+            next(self.stream)
+        self.resumed_at_step = self.progress.steps
+        self.best_state = state.get("best_state")
+        set_rng_state(state["rng"])
 
-    model.train()
-    bar = tqdm(total=total_steps, initial=stats.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    start = time.perf_counter() - done
-    for step in range(stats.steps + 1, total_steps + 1):
-        step_start = time.perf_counter()
-        micro = []
-        for _ in range(cfg.grad_accum):
-            whole = next(stream)
-            share, dummy = _shard(list(range(len(whole))), dist)  # this process's rows of the global batch
-            for rows in split_rows(whole, share, budget, cfg.packing, multiple):  # same step, less memory per forward
-                micro.append(_batch(whole, rows, pad, device, dummy, cfg.packing, multiple))
-        drawn += cfg.grad_accum
-        checkpointing = activation_checkpointing(model, cfg.gradient_checkpointing)
-        with training_attention(model, cfg.attention, device), checkpointing:
-            summed, n, penalty = backward_step(train_model, micro, strategies, autocast, dist)
-            after_backward(strategies, model, stage, step)  # the step's gradients are complete (A-GEM projects)
-        if not math.isfinite(summed):
-            before = "no finite loss before it" if last_loss is None else f"the last finite loss was {last_loss:.4f}"
-            raise NonFiniteLoss(f"{desc}, step {step}: the loss is {summed / max(n, 1)} ({before})")
-        last_loss = summed / max(n, 1)
-        loss_sum, loss_tokens = loss_sum + summed, loss_tokens + n
-        if penalty is not None:
-            penalty_sum = penalty if penalty_sum is None else penalty_sum + penalty
-        local_tokens = sum(b["n_tokens"] for b in micro)
-        step_tokens = dist.sum(local_tokens) if world > 1 else local_tokens
-        stats.tokens += step_tokens
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        stats.steps = step
-        if on_step is not None:
-            values = {"loss": last_loss, "lr": lr, "tokens_per_s": step_tokens / (time.perf_counter() - step_start)}
-            on_step(step, values if penalty is None else {**values, "penalty": penalty})
-        elapsed = time.perf_counter() - start
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / max(loss_tokens, 1):.3f}", tok_s=f"{stats.tokens / elapsed:.0f}")
-
-        if cfg.eval_every and step % cfg.eval_every == 0 and validation:
-            paused = time.perf_counter()
-            val = validation_loss(model, encoder, validation, cfg.batch_size, autocast, dist)
-            stats.val_losses.append(val)
-            if stats.best_val_loss is None or val < stats.best_val_loss:
-                stats.best_val_loss, bad_evals = val, 0
-                best_state = [p.detach().clone() for p in params]
-            else:
-                bad_evals += 1
-            start += time.perf_counter() - paused  # validation time is not training time
-            if cfg.patience and bad_evals >= cfg.patience:
-                stats.stopped_early = True
+    def train(self, show_progress: bool) -> StageStats:
+        """The steps left, then the stage's statistics (and its best weights, if validation says so)."""
+        self.model.train()
+        done = self.progress.steps
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=done,
+            desc=self.desc,
+            disable=not show_progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        self.start = time.perf_counter() - self.progress.seconds
+        for step in range(done + 1, self.total_steps + 1):
+            self._step(step)
+            if self._validate(step):
+                self.stopped_early = True
                 break
-        due = checkpoints is not None and step < total_steps and checkpoints.due(step)
-        if world > 1 and checkpoints is not None and checkpoints.minutes:
-            due = bool(dist.sum(int(due)))  # each rank's clock says otherwise; an FSDP save gathers on every rank
-        if due:
-            paused = time.perf_counter()
-            run = {
-                "steps": step,
-                "tokens": stats.tokens,
-                "val_losses": stats.val_losses,
-                "best_val_loss": stats.best_val_loss,
-                "bad_evals": bad_evals,
-                "loss_sum": loss_sum,
-                "loss_tokens": loss_tokens,
-                "last_loss": last_loss,
-                "penalty_sum": penalty_sum,
-                "seconds": paused - start,
-            }
-            state = {
-                "params": {n: p.detach() for n, p in named},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "drawn": drawn,
-                "rng": rng_state(),
-                "run": run,
-                "best_state": best_state,
-            }
-            # FSDP: every rank gathers the shards whole (rank 0 writes them), the files those of one process
-            checkpoints.save(dist.full_tree(state) if world > 1 else state)
-            start += time.perf_counter() - paused  # checkpoint time is reported apart (StageStats.checkpoint_seconds)
-            stats.checkpoint_seconds += time.perf_counter() - paused
-    stats.seconds = time.perf_counter() - start
-    bar.close()
-    stats.train_loss = loss_sum / max(loss_tokens, 1)
-    stats.penalty = None if penalty_sum is None else penalty_sum / max(stats.steps, 1)
+            self._checkpoint(step)
+        seconds = time.perf_counter() - self.start
+        self.bar.close()
+        stats = self._stats(seconds)
+        if self.validation:
+            self._validate_at_end(stats)
+        return stats
 
-    if validation:
-        final = validation_loss(model, encoder, validation, cfg.batch_size, autocast, dist)
-        if best_state is not None and final > stats.best_val_loss:
-            with torch.no_grad():  # early stopping keeps the best weights seen, as HF's load_best_model_at_end
-                for p, best in zip(params, best_state):
+    def _step(self, step: int) -> None:
+        """One optimizer step: its micro-batches, backward with the strategies' hooks, the NaN check, the update."""
+        step_start = time.perf_counter()
+        micro = self._micro_batches()
+        checkpointing = activation_checkpointing(self.model, self.cfg.gradient_checkpointing)
+        with training_attention(self.model, self.cfg.attention, self.device), checkpointing:
+            summed, n, penalty = backward_step(self.train_model, micro, self.strategies, self.autocast, self.dist)
+            after_backward(self.strategies, self.model, self.stage, step)  # the step's gradients are complete (A-GEM)
+        self._check_finite(step, summed, n)
+        step_tokens = self._count(summed, n, penalty, micro)
+        lr = self._update()
+        self.progress.steps = step
+        self._report(step, lr, penalty, step_tokens / (time.perf_counter() - step_start))
+
+    def _micro_batches(self) -> list[dict]:
+        """The step's ``grad_accum`` global batches, each cut to this process's rows and split to the token
+        budget (the same step, less memory per forward)."""
+        cfg, micro = self.cfg, []
+        for _ in range(cfg.grad_accum):
+            whole = next(self.stream)
+            share, dummy = _shard(list(range(len(whole))), self.dist)  # this process's rows of the global batch
+            for rows in split_rows(whole, share, self.budget, cfg.packing, self.multiple):
+                micro.append(_batch(whole, rows, self.pad, self.device, dummy, cfg.packing, self.multiple))
+        self.progress.drawn += cfg.grad_accum
+        return micro
+
+    def _check_finite(self, step: int, summed: float, n: int) -> None:
+        if not math.isfinite(summed):
+            last = self.progress.last_loss
+            before = "no finite loss before it" if last is None else f"the last finite loss was {last:.4f}"
+            raise NonFiniteLoss(f"{self.desc}, step {step}: the loss is {summed / max(n, 1)} ({before})")
+
+    def _count(self, summed: float, n: int, penalty: float | None, micro: list[dict]) -> int:
+        """Add the step's loss, penalty and real tokens to the progress; returns the step's real tokens."""
+        p = self.progress
+        p.last_loss = summed / max(n, 1)
+        p.loss_sum, p.loss_tokens = p.loss_sum + summed, p.loss_tokens + n
+        if penalty is not None:
+            p.penalty_sum = penalty if p.penalty_sum is None else p.penalty_sum + penalty
+        local_tokens = sum(b["n_tokens"] for b in micro)
+        step_tokens = self.dist.sum(local_tokens) if self.world > 1 else local_tokens
+        p.tokens += step_tokens
+        return step_tokens
+
+    def _update(self) -> float:
+        """Clip, step the optimizer and the schedule; returns the learning rate the step used."""
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def _report(self, step: int, lr: float, penalty: float | None, tokens_per_s: float) -> None:
+        p = self.progress
+        if self.on_step is not None:
+            values = {"loss": p.last_loss, "lr": lr, "tokens_per_s": tokens_per_s}
+            self.on_step(step, values if penalty is None else {**values, "penalty": penalty})
+        elapsed = time.perf_counter() - self.start
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{p.loss_sum / max(p.loss_tokens, 1):.3f}", tok_s=f"{p.tokens / elapsed:.0f}")
+
+    def _validate(self, step: int) -> bool:
+        """Every ``eval_every`` steps: the validation loss, keeping the best weights; True once patience runs out."""
+        cfg, p = self.cfg, self.progress
+        if not (cfg.eval_every and step % cfg.eval_every == 0 and self.validation):
+            return False
+        paused = time.perf_counter()
+        val = validation_loss(self.model, self.encoder, self.validation, cfg.batch_size, self.autocast, self.dist)
+        p.val_losses.append(val)
+        if p.best_val_loss is None or val < p.best_val_loss:
+            p.best_val_loss, p.bad_evals = val, 0
+            self.best_state = [q.detach().clone() for q in self.params]
+        else:
+            p.bad_evals += 1
+        self.start += time.perf_counter() - paused  # validation time is not training time
+        return bool(cfg.patience) and p.bad_evals >= cfg.patience
+
+    def _checkpoint(self, step: int) -> None:
+        """Save the in-stage checkpoint when one is due (never after the last step: the stage's end is saved)."""
+        due = self.checkpoints is not None and step < self.total_steps and self.checkpoints.due(step)
+        if self.world > 1 and self.checkpoints is not None and self.checkpoints.minutes:
+            due = bool(self.dist.sum(int(due)))  # each rank's clock says otherwise; an FSDP save gathers on every rank
+        if not due:
+            return
+        paused = time.perf_counter()
+        self.progress.seconds = paused - self.start
+        state = self._state()
+        # FSDP: every rank gathers the shards whole (rank 0 writes them), the files those of one process
+        self.checkpoints.save(self.progress, self.dist.full_tree(state) if self.world > 1 else state)
+        self.start += time.perf_counter() - paused  # checkpoint time is reported apart (StageStats.checkpoint_seconds)
+        self.checkpoint_seconds += time.perf_counter() - paused
+
+    def _stats(self, seconds: float) -> StageStats:
+        p = self.progress
+        return StageStats(
+            steps=p.steps,
+            tokens=p.tokens,
+            seconds=seconds,
+            train_loss=p.loss_sum / max(p.loss_tokens, 1),
+            val_losses=p.val_losses,
+            best_val_loss=p.best_val_loss,
+            stopped_early=self.stopped_early,
+            checkpoint_seconds=self.checkpoint_seconds,
+            resumed_at_step=self.resumed_at_step,
+            penalty=None if p.penalty_sum is None else p.penalty_sum / max(p.steps, 1),
+        )
+
+    def _validate_at_end(self, stats: StageStats) -> None:
+        """The final validation loss; early stopping keeps the best weights seen, as HF's load_best_model_at_end."""
+        final = validation_loss(
+            self.model, self.encoder, self.validation, self.cfg.batch_size, self.autocast, self.dist
+        )
+        if self.best_state is not None and final > stats.best_val_loss:
+            with torch.no_grad():
+                for p, best in zip(self.params, self.best_state):
                     p.copy_(best)
         else:
             stats.val_losses.append(final)
             stats.best_val_loss = final if stats.best_val_loss is None else min(final, stats.best_val_loss)
-    return stats

@@ -1,10 +1,14 @@
-"""Avalanche's own strategies (https://avalanche.continualai.org), run by Avalanche's training loop on our
-model, LoRA adapter and data, inside our runner: ``python cli.py run strategy=avalanche:ewc``.
+"""Avalanche's own strategies (https://avalanche.continualai.org) as training loops of their own
+(:class:`continual_ft.train.protocol.StageLoop`), run on our model, LoRA adapter and data inside our
+runner: ``python cli.py run strategy=avalanche:ewc``.
 
-The runner sets up each stage's adapter, then hands the stage to :meth:`AvalancheStrategy.train_stage`
-instead of our trainer; it evaluates with our evaluator and writes the same run directory, so
-``compare`` puts ``avalanche:ewc`` beside our ``ewc``. Avalanche is imported only when such a run
-starts (``continual_ft.integrations.avalanche`` says how a causal LM meets its classifier API).
+They are loops, not strategies: Avalanche's plugins act inside Avalanche's loop, and none of our hooks
+does. ``AVALANCHE_LOOPS`` registers them; ``continual_ft.strategies.build`` takes their names beside our
+strategies'. The runner sets up each stage's adapter, then hands the stage to
+:meth:`AvalancheLoop.train_stage` instead of our trainer (:func:`continual_ft.train.protocol.training_loop`);
+it evaluates with our evaluator and writes the same run directory, so ``compare`` puts ``avalanche:ewc``
+beside our ``ewc``. Avalanche is imported only when such a run starts (:mod:`continual_ft.integrations.avalanche`
+says how a causal LM meets its classifier API).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import warnings
 from dataclasses import asdict, dataclass, field
 
 from continual_ft.errors import ContinualFTError
-from continual_ft.strategies.base import Strategy
+from continual_ft.integrations.avalanche import CausalLMClassifier, experience, require_avalanche, run_experience
+from continual_ft.train.protocol import StageLoop
 
-__all__ = ["AVALANCHE_STRATEGIES", "AvalancheStrategy"]
+__all__ = ["AVALANCHE_LOOPS", "AvalancheLoop"]
 
 
 @dataclass
@@ -75,7 +80,7 @@ class AvalancheCumulativeConfig:
     """Avalanche's ``Cumulative`` (trains on every experience so far) has no settings."""
 
 
-class AvalancheStrategy(Strategy):
+class AvalancheLoop(StageLoop):
     """Base of the ``avalanche:*`` entries: ``avalanche_class`` from ``avalanche.training``, its settings
     the config's fields. It trains alone (no ``+``): its plugins, not our hooks, act inside its loop."""
 
@@ -83,19 +88,15 @@ class AvalancheStrategy(Strategy):
     avalanche_class = ""
 
     def __init__(self, config=None):
-        self.config = config or STRATEGY_CONFIGS[self.name]()
+        self.config = config or LOOP_CONFIGS[self.name]()
         self.template = None  # the Avalanche strategy, made at the first stage; its plugins hold the state
         self.task_ids: dict[str, int] = {}
         self.stages = 0
 
     def check_run(self, config) -> None:
         """What the Avalanche loop cannot do, refused before a run directory is made."""
-        from continual_ft.integrations.avalanche import require_avalanche
-
         require_avalanche(f"strategy={self.name}")
-        if "+" in config.strategy:
-            # Its loop is Avalanche's: our strategies' hooks beside it would never be called.
-            raise ContinualFTError(f"strategy={self.name} runs alone (Avalanche's plugins act inside its own loop)")
+        super().check_run(config)  # alone: Avalanche's plugins, not our hooks, act inside its loop
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun/accelerate
             raise ContinualFTError(f"strategy={self.name} runs in one process: launch it without torchrun/accelerate")
         t = config.train
@@ -138,14 +139,13 @@ class AvalancheStrategy(Strategy):
         """One stage with Avalanche's loop; the runner's signature of ``continual_ft.train.loop.train_stage``."""
         import torch
 
-        from continual_ft.integrations import avalanche as av
         from continual_ft.train.loop import validation_loss
 
         dist = kw.get("dist")
         if dist is not None and dist.world > 1:
             raise ContinualFTError(f"strategy={self.name} runs in one process")
         autocast = kw.get("autocast")
-        wrapped = av.CausalLMClassifier(model, autocast) if autocast else av.CausalLMClassifier(model)
+        wrapped = CausalLMClassifier(model, autocast) if autocast else CausalLMClassifier(model)
         device = next(model.parameters()).device
         if self.template is None:
             self.template = self.make_template(wrapped, device, cfg)
@@ -153,8 +153,8 @@ class AvalancheStrategy(Strategy):
         for t in dict.fromkeys(e.task for e in examples):
             self.task_ids.setdefault(t, len(self.task_ids))
         torch.manual_seed(kw.get("seed", 0))  # Avalanche's loaders shuffle with torch's generator
-        exp = av.experience(examples, encoder, self.task_ids, self.stages)
-        stats = av.run_experience(self.template, exp, cfg, desc=kw.get("desc", "train"))
+        exp = experience(examples, encoder, self.task_ids, self.stages)
+        stats = run_experience(self.template, exp, cfg, desc=kw.get("desc", "train"))
         self.stages += 1
         if validation:
             stats.val_losses = [validation_loss(model, encoder, validation, cfg.batch_size, wrapped.autocast)]
@@ -193,11 +193,12 @@ def _entry(name: str, avalanche_class: str, config_cls: type, doc: str, modes: t
     adapter_modes, refusal = modes
     return type(
         f"Avalanche{avalanche_class}",
-        (AvalancheStrategy,),
+        (AvalancheLoop,),
         {
             "name": name,
             "avalanche_class": avalanche_class,
             "__doc__": doc,
+            "summary": doc,
             "__module__": __name__,
             "adapter_modes": adapter_modes,
             "adapter_refusal": refusal,
@@ -246,9 +247,10 @@ _ENTRIES = [
     ("avalanche:cumulative", "Cumulative", AvalancheCumulativeConfig, "Avalanche's Cumulative: all data so far.", _ANY),
 ]
 
-STRATEGY_CONFIGS: dict[str, type] = {name: config for name, _, config, _, _ in _ENTRIES}
+LOOP_CONFIGS: dict[str, type] = {name: config for name, _, config, _, _ in _ENTRIES}
 
-#: Registry entries, ``name -> (strategy class, config dataclass)``, merged into ``STRATEGIES``.
-AVALANCHE_STRATEGIES: dict[str, tuple[type[Strategy], type]] = {
+#: The registry of Avalanche's loops, ``name -> (loop class, config dataclass)``: ``strategy=`` takes these
+#: names beside those of ``continual_ft.strategies.STRATEGIES``.
+AVALANCHE_LOOPS: dict[str, tuple[type[AvalancheLoop], type]] = {
     name: (_entry(name, cls_name, config, doc, modes), config) for name, cls_name, config, doc, modes in _ENTRIES
 }
