@@ -221,6 +221,7 @@ class SSR(Strategy):
         rng = self._rng(f"shots:{task}", stage)
         budget = math.ceil(c.per_task * c.oversample)
         known = {normalize_answer(e.answer): e.answer for e in own}  # answers as evaluation reads them
+        free = task in stage.generative  # a generative task's answers are free text: kept as written
         seen, kept, written, round_ = set(slot.bodies), [], 0, 0
         # In rounds until per_task are kept or the budget is written: the filter keeps most inputs, so
         # writing and answering the whole budget at once did up to a third of the work for nothing.
@@ -236,7 +237,7 @@ class SSR(Strategy):
             texts = self._write(model, stage, contexts, slot.ends, seed)
             written += len(contexts) * c.samples
             round_ += 1
-            kept += self._answer(model, stage, task, slot.new_inputs(texts, seen), known, first=len(kept))
+            kept += self._answer(model, stage, task, slot.new_inputs(texts, seen), known, first=len(kept), free=free)
         self.generated += written
         return kept[: c.per_task]
 
@@ -260,16 +261,26 @@ class SSR(Strategy):
             )
 
     def _answer(
-        self, model: nn.Module, stage: StageInfo, task: str, inputs: list[str], known: dict[str, str], first: int
+        self,
+        model: nn.Module,
+        stage: StageInfo,
+        task: str,
+        inputs: list[str],
+        known: dict[str, str],
+        first: int,
+        free: bool = False,
     ) -> list[Example]:
         """The trained model's greedy answers to ``inputs``, read as evaluation reads them (first line, case
         and a final period ignored: the keys of ``known``, the task's answers); with ``known_answers`` only
-        those that are one of the task's answers."""
+        those that are one of the task's answers. ``free`` (a generative task): every non-empty answer, as written."""
         longest = max(len(a) for a in known)  # in characters: at least as many tokens as the longest answer
         answers = stage.generate(model, inputs, longest + 2, chat=True, stop=["\n"], batch_size=self.config.batch_size)
         kept = []
         for x, y in zip(inputs, answers):
-            answer = known.get(normalize_answer(y), None if self.config.known_answers else y.strip())
+            if free:
+                answer = y.strip().split("\n")[0].strip()
+            else:
+                answer = known.get(normalize_answer(y), None if self.config.known_answers else y.strip())
             if answer:
                 kept.append(Example(task, x, answer, f"ssr:{task}:{stage.index}:{first + len(kept)}"))
         return kept

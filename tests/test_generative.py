@@ -187,3 +187,77 @@ def test_length_fit_counts_cut_prompts_and_answers_that_fill_the_budget():
     assert (fit.examples, fit.cut, fit.too_long) == (3, 2, 1)
     wide = Encoder(tok, fit.fits_all, chat_template=False)
     assert length_fit(wide, [short, long_prompt, long_answer]).cut == 0
+
+
+def _mixed_scenario(root):
+    """A choice task, then a generative one whose answers are free text (the new user's case)."""
+    root.mkdir(parents=True, exist_ok=True)
+    _write(
+        root / "colors.jsonl", [{"text": f"the {c} thing {i}", "label": c} for i, c in enumerate(["red", "blue"] * 40)]
+    )
+    _free_text(root / "qa.jsonl", n=120)
+    (root / "mixed.yaml").write_text(
+        """description: a choice task, then a generative one
+tasks:
+  colors:
+    source: jsonl
+    path: colors.jsonl
+    prompt: "Color of: {text}\\nAnswer:"
+    labels: [red, blue]
+    sizes: {train: 16, validation: 4, test: 8}
+  qa:
+    source: jsonl
+    path: qa.jsonl
+    type: generate
+    prompt: "{text}\\nAnswer:"
+    metrics: [rouge_l, exact_match, chrf]
+    sizes: {train: 16, validation: 4, test: 8}
+stages:
+  - {name: colors, tasks: [colors]}
+  - {name: qa, tasks: [qa]}
+"""
+    )
+    return root / "mixed.yaml"
+
+
+def _tiny_run(scenario, tmp_path, *extra):
+    from continual_ft.config import make_config
+    from continual_ft.run.runner import run
+    from continual_ft.strategies import STRATEGIES
+
+    overrides = [f"scenario={scenario}", "model=tiny", "precision=fp32", "train.max_steps=2", "train.batch_size=4"]
+    return run(make_config([*overrides, f"output_dir={tmp_path / 'runs'}", *extra], tuple(STRATEGIES)), progress=False)
+
+
+def test_a_mixed_stream_keeps_an_r_per_metric_and_scores_by_each_tasks_primary(tmp_path):
+    from continual_ft.eval.predictions import load_row
+    from continual_ft.report.results import load_results
+
+    results = _tiny_run(_mixed_scenario(tmp_path / "data"), tmp_path)
+    d = load_results(results.run_dir)
+    assert d["primary_metric"] == "primary"
+    assert list(d["R"]) == ["accuracy", "exact_match", "macro_f1", "rouge_l", "chrf", "primary"]
+    assert all(len(rows) == 3 for rows in d["R"].values())
+    for row in range(3):
+        assert d["R"]["accuracy"][row][1] is None and d["R"]["rouge_l"][row][0] is None
+        assert d["R"]["primary"][row] == [d["R"]["accuracy"][row][0], d["R"]["rouge_l"][row][1]]
+    assert set(d["metrics"]) == set(d["R"]) and "qa" not in d["largest_drop"]["accuracy"]
+    assert all(set(p) == {"colors"} for p in d["per_class"])  # per class: the choice task only
+    preds = load_row(results.run_dir, 2)["qa"]
+    assert len(preds) == 8 and set(preds[0]["scores"]) == {"rouge_l", "exact_match", "chrf"}
+    mean = sum(p["scores"]["rouge_l"] for p in preds) / len(preds)
+    assert d["R"]["rouge_l"][2][1] == pytest.approx(mean, abs=1e-3)
+    assert (results.run_dir / "forgetting_matrix_rouge_l.png").is_file()
+
+
+def test_the_cli_refuses_an_unknown_metric_in_one_line_and_writes_nothing(tmp_path, capsys):
+    from continual_ft.cli import main
+
+    path = _mixed_scenario(tmp_path / "data")
+    path.write_text(path.read_text().replace("metrics: [rouge_l, exact_match, chrf]", "metrics: [rougeL]"))
+    with pytest.raises(SystemExit) as stop:
+        main(["run", f"scenario={path}", "model=tiny", f"output_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "unknown metric 'rougeL'" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import make_examples, make_stage
 from safetensors.torch import load_file
-from toy import write_toy_scenario
+from toy import write_toy_generative_scenario, write_toy_scenario
 
 from continual_ft.config import make_config
 from continual_ft.data.tasks import Example
@@ -342,6 +342,48 @@ def test_strategy_runs_acts_and_saves_its_state(name, batching, scenario, tmp_pa
     for s in restored:
         examples = s.train_data(ran.stages[1], examples)
     assert examples == ran.trained[1]
+
+
+@pytest.fixture(scope="module")
+def generative_scenario(tmp_path_factory):
+    return str(write_toy_generative_scenario(tmp_path_factory.mktemp("toy_gen")))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_strategy_acts_on_a_generative_task(name, generative_scenario, tmp_path, monkeypatch):
+    """Every strategy on two tasks whose answers the model writes: it shows the same effect as on choice
+    tasks, and the run keeps an R per metric of the tasks (SSR keeps the answers its model writes)."""
+    seen = recording_loop(monkeypatch)
+    overrides = [
+        f"scenario={generative_scenario}",
+        f"strategy={name}",
+        "model=tiny",
+        "precision=fp32",
+        f"output_dir={tmp_path / 'runs'}",
+        "train.max_steps=3",
+        "train.batch_size=4",
+        "train.lr=1e-2",
+        "eval.batch_size=16",
+    ]
+    results = run(
+        make_config(overrides + list(CASES[name].overrides), strategy_names=tuple(STRATEGIES)), progress=False
+    )
+    data = results.data
+    assert data["complete"] and data["primary_metric"] == "primary"
+    assert list(data["R"]) == ["rouge_l", "exact_match", "chrf", "primary"]
+    assert all(len(R) == 3 and all(0 <= x <= 1 for row in R for x in row if x is not None) for R in data["R"].values())
+    assert len(seen) == 2 and all(stage.generative == {stage.tasks[0]} for _, stage, _ in seen)
+    strategies = seen[-1][2]
+    ran = Ran(
+        data,
+        results.run_dir,
+        results.model,
+        stages=[stage for _, stage, _ in seen],
+        trained=[examples for examples, _, _ in seen],
+        strategies=strategies,
+        settings=settings(strategies),
+    )
+    CASES[name].effect(ran)
 
 
 def nudge(model, by: float) -> None:

@@ -58,3 +58,51 @@ stages:
 """
     )
     return root / "toy.yaml"
+
+
+def write_toy_generative_scenario(root: Path, n: int = 60, train: int = 16, test: int = 6, seed: int = 0) -> Path:
+    """Two generative JSONL tasks in sequence (the model writes a short phrase); returns the scenario YAML path."""
+    rng = random.Random(1)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "describe.jsonl", "w") as f:
+        for i in range(n):
+            c, a = rng.choice(COLORS), rng.choice(ANIMALS)
+            f.write(json.dumps({"text": f"item {i}: a {c} {a}", "label": f"{c} {a}"}) + "\n")
+    with open(root / "count.jsonl", "w") as f:
+        for i in range(n):
+            f.write(
+                json.dumps({"text": f"count to {i % 4 + 1}", "label": " ".join(str(k) for k in range(i % 4 + 2))})
+                + "\n"
+            )
+    sizes = {t: _generative_sizes(root / f"{t}.jsonl", seed, train, test) for t in ("describe", "count")}
+    (root / "toy_gen.yaml").write_text(
+        f"""# python cli.py run scenario=toy_gen.yaml model=tiny
+description: two toy generative tasks in sequence
+tasks:
+  describe:
+    source: jsonl
+    path: describe.jsonl
+    type: generate
+    prompt: "Describe: {{text}}\\nAnswer:"
+    metrics: [rouge_l, exact_match]
+    sizes: {{{sizes["describe"]}}}
+  count:
+    source: jsonl
+    path: count.jsonl
+    type: generate
+    prompt: "{{text}}\\nAnswer:"
+    metrics: [chrf, exact_match]
+    sizes: {{{sizes["count"]}}}
+stages:
+  - {{name: describe, tasks: [describe]}}
+  - {{name: count, tasks: [count]}}
+"""
+    )
+    return root / "toy_gen.yaml"
+
+
+def _generative_sizes(path: Path, seed: int, train: int, test: int) -> str:
+    spec = TaskSpec(name=path.stem, source="jsonl", path=str(path), type="generate")
+    held = build_task(spec, seed=seed, sample=False)
+    asked = {"train": train, "validation": 4, "test": test}
+    return ", ".join(f"{split}: {min(n, len(getattr(held, split)))}" for split, n in asked.items())

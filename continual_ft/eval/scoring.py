@@ -1,4 +1,4 @@
-"""Scoring a task: choice accuracy by log-likelihood and exact match of greedy answers.
+"""Scoring a choice task: accuracy by log-likelihood over its labels, and exact match of greedy answers.
 
 * ``accuracy``: the prediction is the label ℓ maximising Σ_t log p(ℓ_t | prompt, ℓ_<t) among
   the task's labels (summed, not length-normalised, as lm-evaluation-harness's ``acc``).

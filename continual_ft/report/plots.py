@@ -29,7 +29,8 @@ def heatmap(ax, results: dict, metric: str, title: str | None = None) -> None:
     ax.set_xlabel("evaluated task")
     for i, row in enumerate(R):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=10)
+            shown = "—" if v != v else f"{v:.1f}"  # NaN: the task is not scored by this metric
+            ax.text(j, i, shown, ha="center", va="center", color="white" if v < 60 else "black", fontsize=10)
     ax.set_title(title or f"{results.get('strategy', '')} / {results.get('adapter', '')}: {metric}")
     return im
 

@@ -372,7 +372,8 @@ def stage_values(results: dict) -> dict[str, float]:
             if _number(v):
                 values[f"R/{metric}/{task}"] = v
         S = len(R) - 1
-        seen = [j for j, f in enumerate(results["first_stage"]) if f <= S]
+        # tasks trained so far, and scored by this metric (a stream may mix choice and generative tasks)
+        seen = [j for j, f in enumerate(results["first_stage"]) if f <= S and R[0][j] is not None]
         if S >= 1 and seen:  # the metrics as if the run ended here, over the tasks trained so far
             sub = [[row[j] for j in seen] for row in R]
             summary = metrics.summary(sub, [results["first_stage"][j] for j in seen])

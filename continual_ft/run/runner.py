@@ -302,7 +302,16 @@ def _stage_data(run: _Run, i: int) -> tuple[StageInfo, list]:
     every = run.dist.is_fsdp
     batches = Batches(run.encoder, batch_size, run.device, run.autocast, shard=_as_is if every else run.dist.shard)
     last = i == len(run.scenario.stages) - 1
-    info = stage_info(i, stage_def.tasks, own, batches, final=last, sum_across=_as_is if every else run.dist.sum)
+    generative = [t for t in stage_def.tasks if run.scenario.tasks[t].generative]
+    info = stage_info(
+        i,
+        stage_def.tasks,
+        own,
+        batches,
+        final=last,
+        sum_across=_as_is if every else run.dist.sum,
+        generative=generative,
+    )
     return info, validation
 
 

@@ -95,6 +95,9 @@ class StageInfo:
     # Under FSDP each process gets every batch (a backward there averages the processes' gradients) and
     # this is the identity too.
     sum_across: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t, repr=False)
+    # The stage's generative tasks (``type: generate``): their answers are free text, not one of a few labels
+    # (self-synthesized rehearsal keeps the answers the model writes for them instead of matching a label).
+    generative: frozenset[str] = frozenset()
 
 
 class Method:
@@ -316,8 +319,10 @@ def stage_info(
     *,
     final: bool = False,
     sum_across: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    generative: Iterable[str] = (),
 ) -> StageInfo:
-    """The :class:`StageInfo` strategies see; ``sum_across`` sums a tensor over processes (identity in one)."""
+    """The :class:`StageInfo` strategies see; ``sum_across`` sums a tensor over processes (identity in one);
+    ``generative``: the stage's tasks of ``type: generate``."""
     return StageInfo(
         index=index,
         tasks=list(tasks),
@@ -327,6 +332,7 @@ def stage_info(
         generate=batches.generate,
         final=final,
         sum_across=sum_across,
+        generative=frozenset(generative),
     )
 
 
