@@ -280,6 +280,20 @@ def recording_loop(monkeypatch) -> list[tuple[list[Example], StageInfo, list[Str
     return seen
 
 
+def ran_of(results, seen) -> Ran:
+    """A finished run and what :func:`recording_loop` saw of its stages."""
+    strategies = seen[-1][2]
+    return Ran(
+        results.data,
+        results.run_dir,
+        results.model,
+        stages=[stage for _, stage, _ in seen],
+        trained=[examples for examples, _, _ in seen],
+        strategies=strategies,
+        settings=settings(strategies),
+    )
+
+
 @pytest.mark.parametrize("batching", list(BATCHING))
 @pytest.mark.parametrize("name", list(CASES))
 def test_strategy_runs_acts_and_saves_its_state(name, batching, scenario, tmp_path, monkeypatch):
@@ -311,16 +325,8 @@ def test_strategy_runs_acts_and_saves_its_state(name, batching, scenario, tmp_pa
     assert any(k for k in stage2 if "lora_B" in k and stage2[k].abs().sum() > 0)  # B starts at 0: it trained
 
     assert len(seen) == 2 and [len(t) for t, _, _ in seen] == [s["examples"] for s in data["stage_stats"]]
-    strategies = seen[-1][2]
-    ran = Ran(
-        data,
-        results.run_dir,
-        results.model,
-        stages=[stage for _, stage, _ in seen],
-        trained=[examples for examples, _, _ in seen],
-        strategies=strategies,
-        settings=settings(strategies),
-    )
+    ran = ran_of(results, seen)
+    strategies = ran.strategies
     CASES[name].effect(ran)
 
     # The state is saved after every stage where the runner saves it, or not at all.
@@ -373,16 +379,7 @@ def test_strategy_acts_on_a_generative_task(name, generative_scenario, tmp_path,
     assert list(data["R"]) == ["rouge_l", "exact_match", "chrf", "primary"]
     assert all(len(R) == 3 and all(0 <= x <= 1 for row in R for x in row if x is not None) for R in data["R"].values())
     assert len(seen) == 2 and all(stage.generative == {stage.tasks[0]} for _, stage, _ in seen)
-    strategies = seen[-1][2]
-    ran = Ran(
-        data,
-        results.run_dir,
-        results.model,
-        stages=[stage for _, stage, _ in seen],
-        trained=[examples for examples, _, _ in seen],
-        strategies=strategies,
-        settings=settings(strategies),
-    )
+    ran = ran_of(results, seen)
     CASES[name].effect(ran)
 
 
