@@ -212,7 +212,7 @@ def _evaluate(run: _Run, row: str) -> dict:
             run.model,
             run.encoder,
             task,
-            batch_size=run.config.eval.batch_size,
+            batch_size=run.config.eval.generate_batch_size if task.generative else run.config.eval.batch_size,
             max_new_tokens=run.config.eval.max_new_tokens,
             autocast=run.autocast,
             dist=run.dist,
