@@ -280,6 +280,21 @@ def recording_loop(monkeypatch) -> list[tuple[list[Example], StageInfo, list[Str
     return seen
 
 
+def tiny_run(scenario: str, name: str, tmp_path: Path) -> list[str]:
+    """The overrides of a matrix run: ``name`` on ``scenario``, the tiny model, three steps a stage."""
+    return [
+        f"scenario={scenario}",
+        f"strategy={name}",
+        "model=tiny",
+        "precision=fp32",
+        f"output_dir={tmp_path / 'runs'}",
+        "train.max_steps=3",
+        "train.batch_size=4",
+        "train.lr=1e-2",
+        "eval.batch_size=16",
+    ]
+
+
 def ran_of(results, seen) -> Ran:
     """A finished run and what :func:`recording_loop` saw of its stages."""
     strategies = seen[-1][2]
@@ -297,17 +312,7 @@ def ran_of(results, seen) -> Ran:
 @pytest.mark.parametrize("batching", list(BATCHING))
 @pytest.mark.parametrize("name", list(CASES))
 def test_strategy_runs_acts_and_saves_its_state(name, batching, scenario, tmp_path, monkeypatch):
-    overrides = BATCHING[batching] + [
-        f"scenario={scenario}",
-        f"strategy={name}",
-        "model=tiny",
-        "precision=fp32",
-        f"output_dir={tmp_path / 'runs'}",
-        "train.max_steps=3",
-        "train.batch_size=4",
-        "train.lr=1e-2",
-        "eval.batch_size=16",
-    ]
+    overrides = BATCHING[batching] + tiny_run(scenario, name, tmp_path)
     seen = recording_loop(monkeypatch)
     config = make_config(overrides + list(CASES[name].overrides), strategy_names=tuple(STRATEGIES))
     results = run(config, progress=False)
@@ -360,17 +365,7 @@ def test_strategy_acts_on_a_generative_task(name, generative_scenario, tmp_path,
     """Every strategy on two tasks whose answers the model writes: it shows the same effect as on choice
     tasks, and the run keeps an R per metric of the tasks (SSR keeps the answers its model writes)."""
     seen = recording_loop(monkeypatch)
-    overrides = [
-        f"scenario={generative_scenario}",
-        f"strategy={name}",
-        "model=tiny",
-        "precision=fp32",
-        f"output_dir={tmp_path / 'runs'}",
-        "train.max_steps=3",
-        "train.batch_size=4",
-        "train.lr=1e-2",
-        "eval.batch_size=16",
-    ]
+    overrides = tiny_run(generative_scenario, name, tmp_path)
     results = run(
         make_config(overrides + list(CASES[name].overrides), strategy_names=tuple(STRATEGIES)), progress=False
     )

@@ -22,7 +22,7 @@ import torch
 
 from continual_ft.data.tasks import Task
 from continual_ft.eval import text_metrics
-from continual_ft.eval.score import TaskScore, length_batches
+from continual_ft.eval.score import TaskScore, length_batches, test_prompts
 from continual_ft.train.batching import Encoder
 from continual_ft.train.distributed import Dist
 from continual_ft.train.generation import sample
@@ -105,13 +105,8 @@ def evaluate_generative(
 def _answers(model, encoder: Encoder, task: Task, batch_size: int, autocast, dist: Dist | None):
     """The greedy answer to each test example (text, stripped), and the tokens fed; gathered over processes."""
     sharded = dist is not None and dist.world > 1
-    if sharded:
-        model = dist.unwrap(model)
+    model, prompts, order = test_prompts(model, encoder, task, dist)
     tok = encoder.tokenizer
-    prompts = [encoder.encode(ex, answer="", eos=False).prompt_ids for ex in task.test]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    if sharded:
-        order = dist.shard(order)
     was_training = model.training
     model.eval()
     try:

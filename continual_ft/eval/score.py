@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["TaskScore", "MAX_BATCH_TOKENS", "length_batches"]
+__all__ = ["TaskScore", "MAX_BATCH_TOKENS", "length_batches", "test_prompts"]
 
 #: Prompt tokens (padding included) per evaluation forward pass, at most; ``batch_size`` caps the prompts.
 MAX_BATCH_TOKENS = 8192
@@ -37,3 +37,16 @@ def length_batches(order: list[int], lengths: list[int], extra: int, batch_size:
             n += 1
         yield order[s : s + n]
         s += n
+
+
+def test_prompts(model, encoder, task, dist) -> tuple:
+    """What both scorers start from: the model to run (unwrapped over several processes), every test prompt's
+    token ids, and this process's share of them in length order (all of them in one process)."""
+    sharded = dist is not None and dist.world > 1
+    if sharded:
+        # Under FSDP the model is sharded in place (unwrap gives it back) and every forward all-gathers
+        # its weights: scoring runs in dist.lockstep, so ranks with fewer forwards keep joining in.
+        model = dist.unwrap(model)
+    prompts = [encoder.encode(ex, answer="", eos=False).prompt_ids for ex in task.test]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return model, prompts, dist.shard(order) if sharded else order

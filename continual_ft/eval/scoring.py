@@ -27,7 +27,7 @@ import torch
 from continual_ft.data.tasks import Task, normalize_answer
 from continual_ft.errors import ContinualFTError
 from continual_ft.eval.generative import evaluate_generative
-from continual_ft.eval.score import TaskScore, length_batches
+from continual_ft.eval.score import TaskScore, length_batches, test_prompts
 from continual_ft.train.batching import Encoder
 from continual_ft.train.distributed import Dist
 from continual_ft.train.generation import prefix_cache
@@ -265,14 +265,7 @@ def evaluate_task(
         return evaluate_generative(model, encoder, task, batch_size=batch_size, autocast=autocast, dist=dist)
     autocast = autocast or nullcontext
     sharded = dist is not None and dist.world > 1
-    if sharded:
-        # Under FSDP the model is sharded in place (unwrap gives it back) and every forward all-gathers
-        # its weights: _predict runs in dist.lockstep, so ranks with fewer forwards keep joining in.
-        model = dist.unwrap(model)
-    prompts = [encoder.encode(ex, answer="", eos=False).prompt_ids for ex in task.test]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    if sharded:
-        order = dist.shard(order)
+    model, _, order = test_prompts(model, encoder, task, dist)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
